@@ -1,0 +1,36 @@
+"""vit_jax: pretrain and fine-tune Vision Transformers with JAX/Flax, from one CPU to TPU pods and GPU clusters."""
+import setuptools
+
+setuptools.setup(
+    name="vit_jax",
+    version="0.1.0",
+    description="Pretrain and fine-tune Vision Transformers (ViT and ResNet hybrids) with JAX/Flax at scale.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["vit_jax", "vit_jax.*"]),
+    python_requires=">=3.10",
+    # Ranges the code is written and tested against; constraints.txt pins what CI installs.
+    install_requires=[
+        "jax>=0.10.2,<0.12",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "tensorflow-datasets>=4.9.10,<5",
+        "importlib_resources>=6",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "clu>=0.0.12",
+        "etils[epath]>=1.7",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "pillow>=10",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "matplotlib>=3.8"],
+        "demo": ["scikit-learn>=1.4", "matplotlib>=3.8"],
+        "tfds": ["tensorflow-cpu>=2.16"],
+    },
+)

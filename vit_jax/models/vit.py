@@ -1,0 +1,185 @@
+"""Vision Transformer (Dosovitskiy et al. 2020) and its ResNet hybrids, with the model zoo's parameter paths.
+
+Submodules are named explicitly so that every parameter path equals its key in the zoo's `.npz` files, e.g.
+`Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel` of shape (hidden, heads, head_dim).
+Parameters are float32; `dtype` is the compute dtype of matmuls and convolutions (bfloat16 for mixed precision),
+while layer norms, the softmax and the returned logits stay float32.
+"""
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.errors import UserError
+from vit_jax.models import resnet
+
+CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
+
+
+def _layer_norm(name):
+  # float32 whatever the compute dtype: bf16 statistics lose too much precision.
+  return nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name=name)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds a learned position embedding of shape (1, tokens, hidden)."""
+
+  @nn.compact
+  def __call__(self, x):
+    posemb = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1,) + x.shape[1:])
+    return x + posemb.astype(x.dtype)
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic):
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+    out_dim = x.shape[-1]
+    x = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=True)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(out_dim, "Dense_1")(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with `query|key|value` kernels (hidden, heads, head_dim) and `out` (heads, head_dim, hidden)."""
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic):
+    hidden = x.shape[-1]
+    if hidden % self.num_heads:
+      raise UserError(f"hidden size {hidden} is not divisible by num_heads={self.num_heads}")
+    head_dim = hidden // self.num_heads
+    project = lambda name: nn.DenseGeneral(
+        (self.num_heads, head_dim), dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(), name=name)
+    query, key, value = project("query")(x), project("key")(x), project("value")(x)
+    query = query / jnp.sqrt(head_dim).astype(query.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if self.dropout_rate > 0 and not deterministic:
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value)
+    return nn.DenseGeneral(hidden, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                           name="out")(out)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LayerNorm transformer block (names as in the zoo's pre-Linen checkpoints)."""
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic):
+    y = _layer_norm("LayerNorm_0")(x).astype(self.dtype)
+    y = MultiHeadDotProductAttention(self.num_heads, self.attention_dropout_rate, self.dtype,
+                                     name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = _layer_norm("LayerNorm_2")(x).astype(self.dtype)
+    return x + MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(
+        y, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    x = AddPositionEmbs(name="posembed_input")(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    for layer in range(self.num_layers):
+      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate, self.dtype,
+                         name=f"encoderblock_{layer}")(x, deterministic=not train)
+    return _layer_norm("encoder_norm")(x)
+
+
+def downsampling(patches: Mapping[str, Any], resnet_config: Optional[Mapping[str, Any]]):
+  """Total stride (height, width) from pixels to tokens: the ResNet stem's times the patch size."""
+  ph, pw = patches["size"]
+  if resnet_config is None:
+    return ph, pw
+  stem = 4 * 2 ** max(len(resnet_config["num_layers"]) - 1, 0)
+  return stem * ph, stem * pw
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier; `num_classes=0` or None returns the pre-logit features instead of logits.
+
+  Classifiers: `token` (class token), `gap` (mean over patch tokens), `unpooled` (every patch token),
+  `token_unpooled` (class token prepended, every token returned).
+  """
+  num_classes: Optional[int]
+  patches: Mapping[str, Any]
+  transformer: Optional[Mapping[str, Any]]
+  hidden_size: int
+  resnet: Optional[Mapping[str, Any]] = None
+  representation_size: Optional[int] = None
+  classifier: str = "token"
+  head_bias_init: float = 0.0
+  model_name: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train=False):
+    if self.classifier not in CLASSIFIERS:
+      raise UserError(f"unknown classifier {self.classifier!r}; use one of {', '.join(CLASSIFIERS)}")
+    stride = downsampling(self.patches, self.resnet)
+    height, width = images.shape[1:3]
+    if height % stride[0] or width % stride[1]:
+      raise UserError(
+          f"image size {height}x{width} is not divisible by the patch size {stride[0]}x{stride[1]} of "
+          f"{self.model_name or 'this model'}; use a multiple, e.g. "
+          f"{max(1, round(height / stride[0])) * stride[0]}x{max(1, round(width / stride[1])) * stride[1]}")
+    dtype = jnp.dtype(self.dtype)
+    x = images.astype(dtype)
+    if self.resnet is not None:
+      x = resnet.resnet_stem(x, num_layers=tuple(self.resnet["num_layers"]),
+                             width_factor=self.resnet["width_factor"], dtype=dtype)
+    patch = tuple(self.patches["size"])
+    x = nn.Conv(self.hidden_size, patch, strides=patch, padding="VALID", dtype=dtype, name="embedding")(x)
+
+    if self.transformer is not None:
+      n, h, w, c = x.shape
+      x = jnp.reshape(x, (n, h * w, c))
+      if self.classifier in ("token", "token_unpooled"):
+        cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
+      x = Encoder(**self.transformer, dtype=dtype, name="Transformer")(x, train=train)
+
+    if self.classifier == "token":
+      x = x[:, 0]
+    elif self.classifier == "gap":
+      x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+
+    if self.representation_size is not None:
+      x = nn.tanh(nn.Dense(self.representation_size, dtype=dtype, name="pre_logits")(x))
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=dtype, kernel_init=nn.initializers.zeros,
+                   bias_init=nn.initializers.constant(self.head_bias_init), name="head")(x)
+    return x.astype(jnp.float32)
+
+
+def num_tokens(model_config: Mapping[str, Any], image_size) -> int:
+  """Sequence length (class token included) for an image of `image_size` (int or (height, width))."""
+  height, width = (image_size, image_size) if np.isscalar(image_size) else image_size
+  sh, sw = downsampling(model_config["patches"], model_config.get("resnet"))
+  has_class_token = model_config.get("classifier", "token") in ("token", "token_unpooled")
+  return (height // sh) * (width // sw) + int(has_class_token)

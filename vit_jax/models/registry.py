@@ -66,7 +66,7 @@ def _build(name):
   config.classifier = row.get("classifier", "token")
   config.representation_size = None
   if "resnet" in row:
-    config.resnet = ml_collections.ConfigDict({"num_layers": row["resnet"], "width_factor": 1})
+    config.resnet = ml_collections.ConfigDict({"num_layers": row["resnet"], "width_factor": 1.0})
   return config
 
 

@@ -1,0 +1,203 @@
+"""Models: parameter counts, shapes, zoo paths, and the forward pass against an independent numpy reference."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import numpy_vit
+from vit_jax import models
+from vit_jax.errors import UserError
+
+# The zoo's published parameter counts, 1000 classes at 224 px (from the issue; hybrids cannot be derived simply).
+ZOO_PARAMETER_COUNTS = {
+    "ViT-Ti_16": 5_717_416, "ViT-S_16": 22_050_664, "ViT-B_16": 86_567_656, "ViT-L_16": 304_326_632,
+    "ViT-H_14": 632_045_800, "ViT-B_8": 86_576_872, "ViT-S_32": 22_878_952, "ViT-B_32": 88_224_232,
+    "ViT-L_32": 306_535_400, "R+ViT-Ti_16": 6_337_704, "R50+ViT-B_16": 98_659_112, "R26+ViT-B_32": 101_383_976,
+    "R26+ViT-S_32": 36_431_912, "R50+ViT-L_32": 328_994_856,
+}
+# Plain ViTs not in that list: (hidden, mlp, layers, patch, class token) for the count by formula below.
+OTHER_VITS = {
+    "ViT-S_16-gap-norep": (384, 1536, 12, 16, False), "ViT-B_16-gap-norep": (768, 3072, 12, 16, False),
+    "ViT-S_32-gap-norep": (384, 1536, 12, 32, False), "ViT-B_32-gap-norep": (768, 3072, 12, 32, False),
+    "testing": (10, 10, 1, 16, True), "ViT-CIFAR_4": (256, 512, 6, 4, True),
+}
+
+
+def count_by_formula(hidden, mlp, layers, patch, class_token, classes=1000, image=224):
+  tokens = (image // patch) ** 2 + class_token
+  block = 2 * 2 * hidden + 4 * (hidden * hidden + hidden) + 2 * hidden * mlp + mlp + hidden
+  return (patch * patch * 3 * hidden + hidden + tokens * hidden + class_token * hidden + layers * block
+          + 2 * hidden + hidden * classes + classes)
+
+
+def param_shapes(model, image_shape=(1, 224, 224, 3)):
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape)))
+  return {"/".join(k): v.shape for k, v in flax.traverse_util.flatten_dict(variables["params"]).items()}
+
+
+def count(shapes):
+  return sum(int(np.prod(s)) for s in shapes.values())
+
+
+@pytest.mark.parametrize("name", list(ZOO_PARAMETER_COUNTS))
+def test_zoo_parameter_counts(name):
+  assert count(param_shapes(models.get_model(name, num_classes=1000))) == ZOO_PARAMETER_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", list(OTHER_VITS))
+def test_other_parameter_counts(name):
+  assert count(param_shapes(models.get_model(name, num_classes=1000))) == count_by_formula(*OTHER_VITS[name])
+
+
+def test_registry_covers_zoo_and_augreg_names():
+  assert set(ZOO_PARAMETER_COUNTS) | set(OTHER_VITS) == set(models.model_names())
+  assert models.canonical_name("B_16") == "ViT-B_16"
+  assert models.canonical_name("R_Ti_16") == "R+ViT-Ti_16"
+  assert models.canonical_name("R26_S_32") == "R26+ViT-S_32"
+  assert models.get_model_config("S_16-gap-norep").classifier == "gap"
+  assert "L_32" not in models.AUGREG_ALIASES  # not part of the AugReg release
+
+
+def test_zoo_parameter_paths_and_shapes():
+  shapes = param_shapes(models.get_model("ViT-B_16", num_classes=1000))
+  block = "Transformer/encoderblock_0/"
+  assert shapes[block + "MultiHeadDotProductAttention_1/query/kernel"] == (768, 12, 64)
+  assert shapes[block + "MultiHeadDotProductAttention_1/out/kernel"] == (12, 64, 768)
+  assert shapes[block + "LayerNorm_2/scale"] == (768,)
+  assert shapes[block + "MlpBlock_3/Dense_0/kernel"] == (768, 3072)
+  assert shapes["Transformer/posembed_input/pos_embedding"] == (1, 197, 768)
+  assert shapes["cls"] == (1, 1, 768)
+  assert shapes["embedding/kernel"] == (16, 16, 3, 768)
+  hybrid = param_shapes(models.get_model("R50+ViT-B_16", num_classes=10))
+  assert hybrid["conv_root/kernel"] == (7, 7, 3, 64)
+  assert hybrid["gn_root/scale"] == (64,)
+  assert hybrid["block1/unit1/conv_proj/kernel"] == (1, 1, 64, 256)
+  assert hybrid["block3/unit9/gn3/scale"] == (1024,)
+  assert hybrid["embedding/kernel"] == (1, 1, 1024, 768)
+
+
+def test_initialisation_follows_the_zoo():
+  model = models.get_model("R+ViT-Ti_16", num_classes=5, head_bias_init=-2.0)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  assert not np.any(params["cls"]) and not np.any(params["head"]["kernel"])
+  np.testing.assert_array_equal(params["head"]["bias"], -2.0)
+  posemb = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
+  assert 0.01 < posemb.std() < 0.03
+  tiny_hybrid = models.get_model("R50+ViT-B_16", num_classes=5, hidden_size=32,
+                                 transformer=dict(num_layers=1, mlp_dim=32, num_heads=2),
+                                 resnet=dict(num_layers=(1,), width_factor=0.5))
+  params = tiny_hybrid.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  assert not np.any(params["block1"]["unit1"]["gn3"]["scale"])
+
+
+def tiny(name="testing", **overrides):
+  base = dict(hidden_size=32, transformer=dict(num_layers=2, mlp_dim=48, num_heads=4, dropout_rate=0.0))
+  return models.get_model(name, num_classes=7, **{**base, **overrides})
+
+
+@pytest.mark.parametrize("classifier,shape", [
+    ("token", (2, 7)), ("gap", (2, 7)), ("unpooled", (2, 6, 7)), ("token_unpooled", (2, 7, 7))])
+def test_output_shape_for_every_classifier(classifier, shape):
+  model = tiny(classifier=classifier, patches=dict(size=(8, 8)))
+  images = jnp.zeros((2, 16, 24, 3))  # non-square: a 2x3 grid
+  variables = model.init(jax.random.PRNGKey(0), images)
+  assert model.apply(variables, images, train=False).shape == shape
+
+
+def test_feature_extractor_and_representation_layer():
+  images = jnp.zeros((3, 32, 32, 3))
+  for num_classes in (0, None):
+    model = models.get_model("testing", num_classes=num_classes)
+    assert model.apply(model.init(jax.random.PRNGKey(0), images), images).shape == (3, 10)
+  model = models.get_model("testing", num_classes=4, representation_size=6)
+  variables = model.init(jax.random.PRNGKey(0), images)
+  assert variables["params"]["pre_logits"]["kernel"].shape == (10, 6)
+  assert model.apply(variables, images).shape == (3, 4)
+
+
+def test_hybrid_forward_at_224_and_384():
+  # The real R50 stem (3, 4, 9) at half width, under a small transformer: /16 like R50+ViT-B_16.
+  model = models.get_model("R50+ViT-B_16", num_classes=3, hidden_size=32,
+                           transformer=dict(num_layers=1, mlp_dim=32, num_heads=2),
+                           resnet=dict(num_layers=(3, 4, 9), width_factor=0.5))
+  for size, tokens in ((224, 197), (384, 577)):
+    images = jnp.zeros((1, size, size, 3))
+    shapes = jax.eval_shape(lambda x, m=model: m.init(jax.random.PRNGKey(0), x), images)["params"]
+    assert shapes["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, tokens, 32)
+    assert models.num_tokens(models.get_model_config("R50+ViT-B_16"), size) == tokens
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+  logits = model.apply(variables, jnp.ones((1, 224, 224, 3)))
+  assert logits.shape == (1, 3) and np.all(np.isfinite(logits))
+
+
+def randomized(params, seed=0):
+  """Every parameter replaced by noise: zero-initialised heads, class tokens and scales would hide bugs."""
+  rng = np.random.default_rng(seed)
+  flat = flax.traverse_util.flatten_dict(params)
+  return {"/".join(k): (rng.normal(size=v.shape) * (0.3 if v.ndim > 1 else 1.0)).astype(np.float32)
+          for k, v in flat.items()}
+
+
+def unflatten(flat):
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap", "token_unpooled"])
+def test_vit_forward_matches_numpy_reference(classifier):
+  model = tiny(classifier=classifier, patches=dict(size=(4, 4)), representation_size=16)
+  images = np.random.default_rng(1).uniform(-1, 1, size=(2, 12, 16, 3)).astype(np.float32)
+  flat = randomized(model.init(jax.random.PRNGKey(0), images)["params"])
+  ours = np.asarray(model.apply({"params": unflatten(flat)}, images))
+  reference = numpy_vit.forward(flat, images, num_heads=4, classifier=classifier)
+  np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def test_hybrid_forward_matches_numpy_reference():
+  model = models.get_model("R50+ViT-B_16", num_classes=5, hidden_size=32, patches=dict(size=(2, 2)),
+                           transformer=dict(num_layers=1, mlp_dim=32, num_heads=2, dropout_rate=0.0),
+                           resnet=dict(num_layers=(2, 1), width_factor=0.5))
+  images = np.random.default_rng(2).uniform(-1, 1, size=(2, 48, 32, 3)).astype(np.float32)
+  flat = randomized(model.init(jax.random.PRNGKey(0), images)["params"])
+  ours = np.asarray(model.apply({"params": unflatten(flat)}, images))
+  reference = numpy_vit.forward(flat, images, num_heads=2, resnet_layers=(2, 1))
+  np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  model = tiny(patches=dict(size=(4, 4)))
+  images = np.random.default_rng(3).uniform(-1, 1, size=(4, 16, 16, 3)).astype(np.float32)
+  params = unflatten(randomized(model.init(jax.random.PRNGKey(0), images)["params"]))
+  f32 = np.asarray(model.apply({"params": params}, images))
+  bf16_model = tiny(patches=dict(size=(4, 4)), dtype=jnp.bfloat16)
+  bf16 = bf16_model.apply({"params": params}, images)
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(bf16), f32, rtol=0.05, atol=0.05 * np.abs(f32).max())
+
+
+def test_dropout_is_active_only_in_training():
+  model = tiny(patches=dict(size=(4, 4)), transformer=dict(num_layers=1, mlp_dim=8, num_heads=2,
+                                                           dropout_rate=0.5))
+  images = jnp.ones((2, 8, 8, 3))
+  params = unflatten(randomized(model.init(jax.random.PRNGKey(0), images)["params"]))
+  eval_a = model.apply({"params": params}, images)
+  eval_b = model.apply({"params": params}, images, train=False)
+  train = model.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+  np.testing.assert_array_equal(eval_a, eval_b)
+  assert not np.allclose(train, eval_a)
+
+
+def test_unknown_model_name_suggests_close_names():
+  with pytest.raises(ValueError, match=r"unknown model name 'ViT-B16'; did you mean .*ViT-B_16"):
+    models.get_model_config("ViT-B16")
+  with pytest.raises(UserError, match="unknown model field 'hiden_size'"):
+    models.get_model("testing", num_classes=2, hiden_size=3)
+
+
+def test_image_size_not_divisible_by_patch():
+  model = models.get_model("ViT-B_16", num_classes=10)
+  with pytest.raises(ValueError, match=r"image size 225x224 is not divisible by the patch size 16x16 of ViT-B_16"):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 225, 224, 3))))
+  hybrid = models.get_model("R50+ViT-B_16", num_classes=10)
+  with pytest.raises(ValueError, match="patch size 16x16 of R50"):
+    jax.eval_shape(lambda: hybrid.init(jax.random.PRNGKey(0), jnp.zeros((1, 200, 200, 3))))

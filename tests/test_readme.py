@@ -1,0 +1,39 @@
+"""The README's Python examples run as written, and its model table matches the registry."""
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import checkpoint, models
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+ZOO_FILE = "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz"
+
+
+def test_python_examples_run(tmp_path, monkeypatch):
+  # The examples load a zoo file; stand in one of the same format and shapes (i21k head, 224 px) with noise.
+  model = models.get_model("ViT-Ti_16", num_classes=21843)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))["params"]
+  rng = np.random.default_rng(0)
+  checkpoint.save(jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32) * 0.02, params),
+                  tmp_path / ZOO_FILE)
+  monkeypatch.chdir(tmp_path)
+  blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+  assert blocks
+  for block in blocks:
+    exec(compile(block, "README.md", "exec"), {})  # pylint: disable=exec-used
+  assert (tmp_path / "finetuned.npz").exists()
+
+
+def test_model_table_matches_registry():
+  rows = re.findall(r"^\| `([^`]+)` \| ([^|]+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| ([\d,]+) \|", README, re.M)
+  assert [row[0] for row in rows] == models.model_names()
+  for name, _, hidden, mlp, heads, layers, params in rows:
+    config = models.get_model_config(name)
+    assert (config.hidden_size, config.transformer.mlp_dim, config.transformer.num_heads,
+            config.transformer.num_layers) == (int(hidden), int(mlp), int(heads), int(layers))
+    shapes = jax.eval_shape(lambda c=config: models.VisionTransformer(num_classes=1000, **c).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
+    assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == int(params.replace(",", ""))

@@ -32,5 +32,6 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "matplotlib>=3.8"],
         "demo": ["scikit-learn>=1.4", "matplotlib>=3.8"],
         "tfds": ["tensorflow-cpu>=2.16"],
+        "gcs": ["gcsfs>=2024.2"],  # gs:// checkpoints, workdirs and data through etils.epath
     },
 )

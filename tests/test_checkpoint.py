@@ -1,4 +1,5 @@
 """Zoo checkpoints: load/save, old and Linen-era names, load_pretrained, posemb interpolation, the inspect CLI."""
+import importlib.util
 import logging as std_logging
 import os
 import subprocess
@@ -178,6 +179,9 @@ def test_bad_checkpoint_files(tmp_path):
   (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
   with pytest.raises(UserError, match=r"truncated or corrupt"):
     checkpoint.load(tmp_path / "truncated.npz")
+  if importlib.util.find_spec("gcsfs") is None:  # with gcsfs installed this would try the network
+    with pytest.raises(UserError, match=r"cannot read gs://bucket/x.npz: .*gcsfs"):
+      checkpoint.load("gs://bucket/x.npz")
   (tmp_path / "garbage.npz").write_bytes(os.urandom(4096))
   with pytest.raises(ValueError, match=r"truncated or corrupt"):
     checkpoint.load(tmp_path / "garbage.npz")

@@ -175,6 +175,31 @@ def test_bfloat16_compute_stays_close_to_float32():
   np.testing.assert_allclose(np.asarray(bf16), f32, rtol=0.05, atol=0.05 * np.abs(f32).max())
 
 
+def test_fused_attention_and_remat_keep_numerics_and_parameter_paths():
+  images = np.random.default_rng(4).uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
+  labels = jax.nn.one_hot(np.array([1, 5]), 7)
+  reference = tiny(patches=dict(size=(4, 4)))
+  params = unflatten(randomized(reference.init(jax.random.PRNGKey(0), images)["params"]))
+
+  def loss_and_grads(model):
+    loss = lambda p: -jnp.sum(labels * jax.nn.log_softmax(model.apply({"params": p}, images, train=True)))
+    return jax.value_and_grad(loss)(params)
+
+  want_loss, want_grads = loss_and_grads(reference)
+  # Some gradients are zero up to rounding (a key bias cannot change a softmax): compare on the global scale.
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads))
+  for overrides in (dict(fused_attention=True), dict(remat="full"), dict(remat="save_dots"),
+                    dict(fused_attention=True, remat="full")):
+    model = tiny(patches=dict(size=(4, 4)), **overrides)
+    assert param_shapes(model, images.shape) == param_shapes(reference, images.shape)
+    loss, grads = loss_and_grads(model)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale)
+  with pytest.raises(UserError, match="unknown remat policy 'some'"):
+    tiny(remat="some").init(jax.random.PRNGKey(0), images)
+
+
 def test_dropout_is_active_only_in_training():
   model = tiny(patches=dict(size=(4, 4)), transformer=dict(num_layers=1, mlp_dim=8, num_heads=2,
                                                            dropout_rate=0.5))

@@ -72,6 +72,9 @@ def _read_npz(path):
                     f"`wget {ZOO_URL}imagenet21k/ViT-B_16.npz`, and pass its path") from None
   except OSError as e:
     raise UserError(f"cannot read checkpoint {path}: {e}; check the path and its permissions") from None
+  except ImportError as e:  # etils needs a filesystem package for gs:// and other remote URLs
+    raise UserError(f"cannot read {path}: {e} (pip install 'vit_jax[gcs]'), or download the file and pass "
+                    "its local path") from None
   try:
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
       return {key: npz[key] for key in npz.files}

@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vit_jax.models import precision
+
 # The zoo was trained with flax's GroupNorm default epsilon (timm uses 1e-5; that difference is visible at f32).
 GROUPNORM_EPSILON = 1e-6
 WEIGHT_STANDARDIZE_EPSILON = 1e-5
@@ -41,7 +43,8 @@ class BottleneckUnit(nn.Module):
   @nn.compact
   def __call__(self, x):
     conv = lambda features, kernel, strides, name: StdConv(
-        features, kernel, strides=strides, use_bias=False, dtype=self.dtype, name=name)
+        features, kernel, strides=strides, use_bias=False, dtype=self.dtype,
+        conv_general_dilated=precision.conv_general_dilated, name=name)
     residual = x
     if x.shape[-1] != self.features * 4 or tuple(self.strides) != (1, 1):
       residual = conv(self.features * 4, (1, 1), self.strides, "conv_proj")(residual)
@@ -78,7 +81,8 @@ def resnet_stem(x, *, num_layers, width_factor=1, dtype=jnp.float32):
   again: (3, 4, 9) gives /16, (2, 2, 2, 2) and (3, 4, 6, 3) give /32, `()` is the root only.
   """
   width = int(64 * width_factor)
-  x = StdConv(width, (7, 7), strides=(2, 2), use_bias=False, dtype=dtype, name="conv_root")(x)
+  x = StdConv(width, (7, 7), strides=(2, 2), use_bias=False, dtype=dtype,
+              conv_general_dilated=precision.conv_general_dilated, name="conv_root")(x)
   x = nn.relu(group_norm("gn_root", dtype)(x))
   x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
   for stage, num_units in enumerate(num_layers):

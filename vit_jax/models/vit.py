@@ -13,9 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.errors import UserError
-from vit_jax.models import resnet
+from vit_jax.models import precision, resnet
 
 CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
+# Rematerialisation of each encoder block in the backward pass: trade compute for activation memory.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, redo the rest
+}
 
 
 def _layer_norm(name):
@@ -40,8 +46,8 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic):
     dense = lambda features, name: nn.Dense(
-        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+        features, dtype=self.dtype, dot_general=precision.dot_general,
+        kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(stddev=1e-6), name=name)
     out_dim = x.shape[-1]
     x = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=True)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -50,10 +56,15 @@ class MlpBlock(nn.Module):
 
 
 class MultiHeadDotProductAttention(nn.Module):
-  """Self-attention with `query|key|value` kernels (hidden, heads, head_dim) and `out` (heads, head_dim, hidden)."""
+  """Self-attention with `query|key|value` kernels (hidden, heads, head_dim) and `out` (heads, head_dim, hidden).
+
+  `fused=True` calls `jax.nn.dot_product_attention` (cuDNN flash attention on GPU, XLA elsewhere), which never
+  materialises the attention weights: no attention dropout and nothing sown for visualisation.
+  """
   num_heads: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, *, deterministic):
@@ -62,16 +73,29 @@ class MultiHeadDotProductAttention(nn.Module):
       raise UserError(f"hidden size {hidden} is not divisible by num_heads={self.num_heads}")
     head_dim = hidden // self.num_heads
     project = lambda name: nn.DenseGeneral(
-        (self.num_heads, head_dim), dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(), name=name)
-    query, key, value = project("query")(x), project("key")(x), project("value")(x)
-    query = query / jnp.sqrt(head_dim).astype(query.dtype)
+        (self.num_heads, head_dim), dtype=self.dtype, dot_general=precision.dot_general,
+        kernel_init=nn.initializers.xavier_uniform(), name=name)
+    query, key, value = (project(name)(x).astype(self.dtype) for name in ("query", "key", "value"))
+    if self.fused:
+      if self.dropout_rate > 0:
+        raise UserError(f"attention_dropout_rate={self.dropout_rate} needs the unfused attention; "
+                        "set fused_attention=False or the dropout to 0")
+      out = jax.nn.dot_product_attention(query, key, value)
+    else:
+      out = self._attend(query, key, value, deterministic)
+    return nn.DenseGeneral(hidden, axis=(-2, -1), dtype=self.dtype, dot_general=precision.dot_general,
+                           kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
+
+  def _attend(self, query, key, value, deterministic):
+    query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1)
+    # Kept only when the caller asks (`mutable=["intermediates"]`): attention maps for visualisation.
+    self.sow("intermediates", "attention_weights", weights)
     if self.dropout_rate > 0 and not deterministic:
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value)
-    return nn.DenseGeneral(hidden, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                           name="out")(out)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value,
+                      preferred_element_type=jnp.float32).astype(self.dtype)
 
 
 class Encoder1DBlock(nn.Module):
@@ -81,11 +105,12 @@ class Encoder1DBlock(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  fused_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, *, deterministic):
+  def __call__(self, x, deterministic):  # positional: `nn.remat` marks it static by position
     y = _layer_norm("LayerNorm_0")(x).astype(self.dtype)
-    y = MultiHeadDotProductAttention(self.num_heads, self.attention_dropout_rate, self.dtype,
+    y = MultiHeadDotProductAttention(self.num_heads, self.attention_dropout_rate, self.dtype, self.fused_attention,
                                      name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = _layer_norm("LayerNorm_2")(x).astype(self.dtype)
@@ -100,14 +125,21 @@ class Encoder(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  fused_attention: bool = False
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x, *, train):
+    if self.remat not in REMAT_POLICIES:
+      raise UserError(f"unknown remat policy {self.remat!r}; use one of {', '.join(REMAT_POLICIES)}")
+    block = Encoder1DBlock
+    if self.remat != "none":
+      block = nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
     x = AddPositionEmbs(name="posembed_input")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     for layer in range(self.num_layers):
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate, self.dtype,
-                         name=f"encoderblock_{layer}")(x, deterministic=not train)
+      x = block(self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate, self.dtype,
+                self.fused_attention, name=f"encoderblock_{layer}")(x, not train)
     return _layer_norm("encoder_norm")(x)
 
 
@@ -136,6 +168,8 @@ class VisionTransformer(nn.Module):
   head_bias_init: float = 0.0
   model_name: Optional[str] = None
   dtype: Any = jnp.float32
+  fused_attention: bool = False
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, images, *, train=False):
@@ -154,7 +188,8 @@ class VisionTransformer(nn.Module):
       x = resnet.resnet_stem(x, num_layers=tuple(self.resnet["num_layers"]),
                              width_factor=self.resnet["width_factor"], dtype=dtype)
     patch = tuple(self.patches["size"])
-    x = nn.Conv(self.hidden_size, patch, strides=patch, padding="VALID", dtype=dtype, name="embedding")(x)
+    x = nn.Conv(self.hidden_size, patch, strides=patch, padding="VALID", dtype=dtype, conv_general_dilated=precision.conv_general_dilated,
+                name="embedding")(x)
 
     if self.transformer is not None:
       n, h, w, c = x.shape
@@ -162,7 +197,8 @@ class VisionTransformer(nn.Module):
       if self.classifier in ("token", "token_unpooled"):
         cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
-      x = Encoder(**self.transformer, dtype=dtype, name="Transformer")(x, train=train)
+      x = Encoder(**self.transformer, dtype=dtype, fused_attention=self.fused_attention, remat=self.remat,
+                  name="Transformer")(x.astype(dtype), train=train)
 
     if self.classifier == "token":
       x = x[:, 0]
@@ -170,9 +206,9 @@ class VisionTransformer(nn.Module):
       x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
 
     if self.representation_size is not None:
-      x = nn.tanh(nn.Dense(self.representation_size, dtype=dtype, name="pre_logits")(x))
+      x = nn.tanh(nn.Dense(self.representation_size, dtype=dtype, dot_general=precision.dot_general, name="pre_logits")(x))
     if self.num_classes:
-      x = nn.Dense(self.num_classes, dtype=dtype, kernel_init=nn.initializers.zeros,
+      x = nn.Dense(self.num_classes, dtype=dtype, dot_general=precision.dot_general, kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.constant(self.head_bias_init), name="head")(x)
     return x.astype(jnp.float32)
 

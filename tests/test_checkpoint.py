@@ -209,3 +209,27 @@ def test_inspect_cli(tmp_path):
   result = run_inspect(str(tmp_path / "nope.npz"))
   assert result.returncode == 2
   assert result.stderr.startswith("error: checkpoint") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_scanned_models_save_and_load_the_zoo_layout(tmp_path):
+  overrides = dict(hidden_size=16, transformer=dict(num_layers=3, mlp_dim=8, num_heads=2))
+  zoo_params = noisy(init(tiny_testing_model(**overrides), (32, 32)))
+  path = checkpoint.save(zoo_params, tmp_path / "zoo.npz")
+  scanned_model = tiny_testing_model(num_classes=4, scan_layers=True, **overrides)
+  scanned_init = init(scanned_model, (48, 48))
+  params = checkpoint.load_pretrained(pretrained_path=path, init_params=scanned_init,
+                                      model_config=models.get_model_config("testing"))
+  assert jax.tree.structure(params) == jax.tree.structure(scanned_init)
+  stacked = params["Transformer"]["encoderblock"]["MlpBlock_3"]["Dense_0"]["kernel"]
+  for layer in range(3):
+    np.testing.assert_array_equal(
+        stacked[layer], zoo_params["Transformer"][f"encoderblock_{layer}"]["MlpBlock_3"]["Dense_0"]["kernel"])
+  # Saved back in the zoo's per-layer layout, and equal to what an unrolled model computes.
+  params["head"] = noisy(params["head"])  # the new head is zero: logits would agree whatever the encoder did
+  checkpoint.save(params, tmp_path / "back.npz")
+  unrolled = checkpoint.load(tmp_path / "back.npz")
+  assert "encoderblock_2" in unrolled["Transformer"] and "encoderblock" not in unrolled["Transformer"]
+  images = np.random.default_rng(0).uniform(-1, 1, size=(2, 48, 48, 3)).astype(np.float32)
+  np.testing.assert_allclose(scanned_model.apply({"params": params}, images),
+                             tiny_testing_model(num_classes=4, **overrides).apply({"params": unrolled}, images),
+                             rtol=1e-5, atol=1e-6)

@@ -92,8 +92,12 @@ def load(path):
 
 
 def save(params, path):
-  """Writes `params` as a zoo `.npz` (one array per '/'-joined path); `load(path)` gives them back bit for bit."""
-  flat = {key: np.asarray(value) for key, value in _flatten(jax.device_get(params)).items()}
+  """Writes `params` as a zoo `.npz` (one array per '/'-joined path); `load(path)` gives them back bit for bit.
+
+  Parameters of a model with `scan_layers=True` are written in the zoo's per-layer layout.
+  """
+  params = models.unstack_layers(flax.core.unfreeze(jax.device_get(params)))
+  flat = {key: np.asarray(value) for key, value in _flatten(params).items()}
   buffer = io.BytesIO()
   np.savez(buffer, **flat)
   path = epath.Path(path)
@@ -180,9 +184,12 @@ def load_pretrained(*, pretrained_path, init_params, model_config, image_size=No
   - position embeddings are resized to the model's grid (`image_size`, int or (height, width), is needed only
     for non-square grids).
   One log line per changed tensor. Any other missing or extra key, or shape mismatch, is a UserError naming it.
+  A model with `scan_layers=True` gets its encoder blocks stacked, as its `init_params` are.
   """
   restored = _flatten(load(pretrained_path))
-  expected = _flatten(flax.core.unfreeze(init_params))
+  init_params = flax.core.unfreeze(init_params)
+  scanned = "encoderblock" in init_params.get("Transformer", {})
+  expected = _flatten(models.unstack_layers(init_params))
   adapted = {}
   for key in [k for k in restored if k.startswith("pre_logits/") and k not in expected]:
     if model_config.get("representation_size") is None:
@@ -211,7 +218,8 @@ def load_pretrained(*, pretrained_path, init_params, model_config, image_size=No
     extra = ", ".join(f"{k} {_shape(v)}" for k, v in sorted(restored.items())[:5])
     raise UserError(f"checkpoint {pretrained_path} has {len(restored)} parameter(s) model "
                     f"{model_config.get('model_name')} does not: {extra}; use the checkpoint of the same model")
-  return _unflatten(adapted)
+  adapted = _unflatten(adapted)
+  return models.stack_layers(adapted) if scanned else adapted
 
 
 def _resize_posemb(posemb, target_shape, model_config, image_size, method):

@@ -5,6 +5,7 @@ Submodules are named explicitly so that every parameter path equals its key in t
 Parameters are float32; `dtype` is the compute dtype of matmuls and convolutions (bfloat16 for mixed precision),
 while layer norms, the softmax and the returned logits stay float32.
 """
+import re
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
@@ -106,6 +107,7 @@ class Encoder1DBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   fused_attention: bool = False
+  scanned: bool = False  # under `nn.scan`: return (carry, per-step output)
 
   @nn.compact
   def __call__(self, x, deterministic):  # positional: `nn.remat` marks it static by position
@@ -114,11 +116,16 @@ class Encoder1DBlock(nn.Module):
                                      name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = _layer_norm("LayerNorm_2")(x).astype(self.dtype)
-    return x + MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(
-        y, deterministic=deterministic)
+    x = x + MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(y, deterministic=deterministic)
+    return (x, None) if self.scanned else x
 
 
 class Encoder(nn.Module):
+  """Position embedding, `num_layers` blocks and the final norm; the residual stream is float32.
+
+  `scan_layers=True` runs one block under `nn.scan` (compile time independent of depth); its parameters are then
+  stacked along a leading layer axis under `encoderblock/` instead of `encoderblock_{i}/` (see `stack_layers`).
+  """
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -127,6 +134,7 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   fused_attention: bool = False
   remat: str = "none"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x, *, train):
@@ -135,11 +143,17 @@ class Encoder(nn.Module):
     block = Encoder1DBlock
     if self.remat != "none":
       block = nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
-    x = AddPositionEmbs(name="posembed_input")(x)
+    x = AddPositionEmbs(name="posembed_input")(x.astype(jnp.float32))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    for layer in range(self.num_layers):
-      x = block(self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate, self.dtype,
-                self.fused_attention, name=f"encoderblock_{layer}")(x, not train)
+    block_args = (self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate, self.dtype,
+                  self.fused_attention)
+    if self.scan_layers:
+      scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                        split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast, length=self.num_layers)
+      x, _ = scanned(*block_args, scanned=True, name="encoderblock")(x, not train)
+    else:
+      for layer in range(self.num_layers):
+        x = block(*block_args, name=f"encoderblock_{layer}")(x, not train)
     return _layer_norm("encoder_norm")(x)
 
 
@@ -170,6 +184,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   fused_attention: bool = False
   remat: str = "none"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, images, *, train=False):
@@ -198,7 +213,7 @@ class VisionTransformer(nn.Module):
         cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
       x = Encoder(**self.transformer, dtype=dtype, fused_attention=self.fused_attention, remat=self.remat,
-                  name="Transformer")(x.astype(dtype), train=train)
+                  scan_layers=self.scan_layers, name="Transformer")(x, train=train)
 
     if self.classifier == "token":
       x = x[:, 0]
@@ -219,3 +234,28 @@ def num_tokens(model_config: Mapping[str, Any], image_size) -> int:
   sh, sw = downsampling(model_config["patches"], model_config.get("resnet"))
   has_class_token = model_config.get("classifier", "token") in ("token", "token_unpooled")
   return (height // sh) * (width // sw) + int(has_class_token)
+
+
+_BLOCK = re.compile(r"^encoderblock_(\d+)$")
+
+
+def stack_layers(params):
+  """Zoo layout -> scanned layout: `Transformer/encoderblock_{i}/...` stacked into `Transformer/encoderblock/...`."""
+  encoder = dict(params["Transformer"])
+  blocks = sorted((int(m.group(1)), encoder.pop(key)) for key in list(encoder) if (m := _BLOCK.match(key)))
+  if not blocks:
+    return params
+  encoder["encoderblock"] = jax.tree.map(lambda *layers: np.stack(layers), *[block for _, block in blocks])
+  return {**params, "Transformer": encoder}
+
+
+def unstack_layers(params):
+  """Scanned layout -> zoo layout (the inverse of `stack_layers`); zoo-layout params pass through unchanged."""
+  encoder = dict(params.get("Transformer", {}))
+  if "encoderblock" not in encoder:
+    return params
+  stacked = encoder.pop("encoderblock")
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  for layer in range(num_layers):
+    encoder[f"encoderblock_{layer}"] = jax.tree.map(lambda x, i=layer: x[i], stacked)
+  return {**params, "Transformer": encoder}

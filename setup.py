@@ -24,13 +24,14 @@ setuptools.setup(
         "etils[epath]>=1.7",
         "numpy>=1.26",
         "scipy>=1.11",
+        "scikit-learn>=1.4",  # the bundled `digits` dataset of the quickstart
         "pillow>=10",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "matplotlib>=3.8"],
-        "demo": ["scikit-learn>=1.4", "matplotlib>=3.8"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.8"],
+        "demo": ["matplotlib>=3.8"],
         "tfds": ["tensorflow-cpu>=2.16"],
         "gcs": ["gcsfs>=2024.2"],  # gs:// checkpoints, workdirs and data through etils.epath
     },

@@ -1,0 +1,188 @@
+"""Pipelines on `digits` and on an image folder: shapes, determinism, resume, exact eval, errors."""
+import io
+import os
+
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from vit_jax import data
+from vit_jax.data import preprocess
+from vit_jax.errors import UserError
+
+
+def _sharding():
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def _config(**overrides):
+  pp = dict(train="train", test="test", crop=16, resize=None, augment="affine", mixup=0.0)
+  pp.update(overrides.pop("pp", {}))
+  c = dict(dataset="digits", tfds_data_dir=None, pp=pp, batch=32, batch_eval=64, seed=0, num_workers=0,
+           prefetch=2)
+  c.update(overrides)
+  return ml_collections.ConfigDict(c)
+
+
+def _take(it, n):
+  return [jax.tree.map(np.asarray, next(it)) for _ in range(n)]
+
+
+def _equal(a, b):
+  return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_digits_info_and_train_batches():
+  info = data.get_dataset_info(_config())
+  assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (10, 1437, 360)
+  it = data.make_train_iterator(_config(), _sharding())
+  batch = next(it)
+  assert batch["image"].shape == (32, 16, 16, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
+  assert batch["image"].sharding == _sharding()
+  image = np.asarray(batch["image"])
+  assert image.min() >= -1 and image.max() <= 1 and image.min() == -1  # black background
+  # Stratified split: every class in the test split, ~36 each.
+  counts = np.bincount(np.concatenate([np.asarray(b["label"]) for b in data.make_eval_iterator(
+      _config(), _sharding())]), minlength=10)
+  assert counts.min() >= 30
+
+
+def test_determinism_by_seed_and_resume_with_prefetch():
+  a = data.make_train_iterator(_config(), _sharding())
+  b = data.make_train_iterator(_config(), _sharding())
+  c = data.make_train_iterator(_config(seed=1), _sharding())
+  first_a, first_b, first_c = _take(a, 3), _take(b, 3), _take(c, 3)
+  assert _equal(first_a, first_b) and not _equal(first_a, first_c)
+  state = a.get_state()
+  import json  # pylint: disable=g-import-not-at-top
+  state = json.loads(json.dumps(state))  # what a checkpoint does to it
+  # Past one epoch (1437 / 32 = 44 batches): reshuffled, and still replayed exactly.
+  expected = _take(a, 50)
+  b.set_state(state)
+  assert _equal(_take(b, 50), expected)
+  fresh = data.make_train_iterator(_config(), _sharding())
+  fresh.set_state(state)
+  assert _equal(_take(fresh, 5), expected[:5])
+
+
+def test_resume_with_a_worker_process_and_mixup():
+  cfg = _config(num_workers=1, batch=16, pp=dict(mixup=0.5, augment="inception_crop"))
+  it = data.make_train_iterator(cfg, _sharding())
+  first = _take(it, 2)
+  assert first[0]["label"].shape == (16, 10) and first[0]["label"].dtype == np.float32
+  np.testing.assert_allclose(first[0]["label"].sum(1), 1, rtol=1e-5)
+  state = it.get_state()
+  expected = _take(it, 3)
+  it.set_state(state)
+  assert _equal(_take(it, 3), expected)
+  it.close()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_exact_eval_partial_last_batch(processes):
+  cfg = _config(batch_eval=48)  # 360 = 7 * 48 + 24: the last global batch is half padding
+  src = data.open_source(cfg, "test")
+  pre = preprocess.EvalPreprocess(cfg.pp)
+  expected = sorted((int(r["label"]), float(pre(r)["image"].sum())) for r in (src[i] for i in range(len(src))))
+  seen, steps = [], []
+  for p in range(processes):
+    batches = [jax.tree.map(np.asarray, b) for b in data.make_eval_iterator(
+        cfg, _sharding(), process_index=p, process_count=processes)]
+    steps.append(len(batches))
+    for b in batches:
+      assert b["image"].shape[0] == 48 // processes
+      for image, label, mask in zip(b["image"], b["label"], b["mask"]):
+        if mask:
+          seen.append((int(label), float(image.sum())))
+  assert steps == [8] * processes  # every process runs the same number of steps
+  assert len(seen) == 360
+  np.testing.assert_allclose(np.array(sorted(seen)), np.array(expected), rtol=1e-5)
+
+
+def test_two_simulated_processes_train_on_disjoint_shards():
+  sizes = [data.host_train_dataset(_config(), p, 2)[1] for p in range(2)]
+  assert sizes == [719, 718]
+  a = _take(data.make_train_iterator(_config(), _sharding(), process_index=0, process_count=2), 1)[0]
+  b = _take(data.make_train_iterator(_config(), _sharding(), process_index=1, process_count=2), 1)[0]
+  assert a["image"].shape == (16, 16, 16, 3) and not np.array_equal(a["image"], b["image"])
+
+
+def test_split_slicing_and_bad_inputs():
+  cfg = _config(pp=dict(train="train[:10%]", test="train[10%:]"))
+  info = data.get_dataset_info(cfg)
+  assert info.num_train_examples + info.num_eval_examples == 1437
+  with pytest.raises(UserError, match="Unknown split 'validation'"):
+    data.get_dataset_info(_config(pp=dict(test="validation")))
+  with pytest.raises(UserError, match="number of processes"):
+    data.make_train_iterator(_config(batch=33), _sharding(), process_index=0, process_count=2)
+  with pytest.raises(UserError, match="8 data-parallel devices"):
+    data.make_train_iterator(_config(batch=12), _sharding())
+  with pytest.raises(UserError, match="pp.augment"):
+    data.make_train_iterator(_config(pp=dict(augment="randaugment")), _sharding())
+
+
+# ------------------------------------------------------------------------------------- image folder
+
+
+def _write(path, array, fmt, mode=None):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array, mode).save(path, fmt)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("folder"))
+  rng = np.random.default_rng(0)
+  for split, n in [("train", 6), ("val", 5)]:
+    for i in range(n):
+      _write(f"{root}/{split}/cat/{i}.jpg", rng.integers(0, 256, (50 + i, 70, 3), dtype=np.uint8), "JPEG")
+      _write(f"{root}/{split}/dog/{i}.png", rng.integers(0, 256, (40, 30 + i), dtype=np.uint8), "PNG")  # grey
+    _write(f"{root}/{split}/dog/rgba.png", rng.integers(0, 256, (20, 20, 4), dtype=np.uint8), "PNG")
+    with open(f"{root}/{split}/cat/corrupt.jpg", "wb") as f:
+      f.write(b"\xff\xd8\xff\xe0 this is not a jpeg")
+  open(f"{root}/train/cat/notes.txt", "w").close()  # not an image: ignored
+  os.makedirs(f"{root}/empty/cat")
+  return root
+
+
+def _folder_config(root, pp=None, **kw):
+  pp = dict(dict(train="train", test="val", augment="inception_crop"), **(pp or {}))
+  return _config(dataset=root, pp=pp, batch=8, batch_eval=8, **kw)
+
+
+def test_folder_train_skips_and_counts_corrupt(folder):
+  info = data.get_dataset_info(_folder_config(folder))
+  assert info.class_names == ("cat", "dog") and info.num_train_examples == 14
+  it = data.make_train_iterator(_folder_config(folder), _sharding())
+  labels = np.concatenate([np.asarray(b["label"]) for b in _take(it, 5)])  # 40 examples, ~3 epochs
+  assert set(labels) == {0, 1}
+  assert it.num_skipped >= 2  # the corrupt file, once per epoch seen
+  strict = data.make_train_iterator(_folder_config(folder, pp=dict(strict=True)), _sharding())
+  with pytest.raises(UserError, match="corrupt.jpg"):
+    _take(strict, 5)
+
+
+def test_folder_eval_masks_corrupt_and_pads(folder):
+  batches = [jax.tree.map(np.asarray, b) for b in data.make_eval_iterator(_folder_config(folder), _sharding())]
+  assert len(batches) == 2  # 12 files -> 16 slots
+  assert sum(b["mask"].sum() for b in batches) == 11  # 12 files, one corrupt (masked out, counted)
+  assert all(b["image"].shape == (8, 16, 16, 3) for b in batches)
+
+
+def test_folder_errors(folder, tmp_path):
+  with pytest.raises(UserError, match="no images"):
+    data.get_dataset_info(_folder_config(folder, pp=dict(test="empty")))
+  with pytest.raises(UserError, match="Unknown split 'test'"):
+    data.get_dataset_info(_folder_config(folder, pp=dict(test="test")))
+  os.makedirs(tmp_path / "train")
+  with pytest.raises(UserError, match="no class folders"):
+    data.get_dataset_info(_folder_config(str(tmp_path)))
+  with pytest.raises(UserError, match="not a directory"):
+    data.get_dataset_info(_folder_config(str(tmp_path / "missing")))

@@ -1,0 +1,116 @@
+"""Preprocessing against hand computations: crop boxes, resizes, decoding, scaling."""
+import io
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from vit_jax.data import preprocess as pp
+
+
+def _gradient(h, w):
+  y, x = np.mgrid[0:h, 0:w]
+  return (x + 2 * y).astype(np.uint8)  # linear, so bilinear filtering of it is exact away from borders
+
+
+def test_crop_resize_matches_hand_computed_linear_values():
+  img = Image.fromarray(_gradient(60, 100)).convert("RGB")
+  top, left, h, w, size = 10, 20, 40, 40, 20
+  out = pp.crop_resize(img, (top, left, h, w), size)
+  assert out.shape == (20, 20, 3) and out.dtype == np.uint8
+  i, j = np.mgrid[0:size, 0:size]
+  # Output pixel centre (i + .5, j + .5) maps to input centre left + (j + .5) * w / size - .5 (and y alike).
+  x = left + (j + 0.5) * w / size - 0.5
+  y = top + (i + 0.5) * h / size - 0.5
+  np.testing.assert_allclose(out[..., 0], x + 2 * y, atol=1)
+  assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_central_crop_box_equals_resize_then_crop():
+  rng = np.random.default_rng(0)
+  img = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+  resized = np.asarray(img.resize((40, 40), Image.Resampling.BILINEAR), np.int32)
+  expected = resized[4:36, 4:36]  # central 32 of 40: offset (40 - 32) // 2
+  got = pp.crop_resize(img, pp.central_crop_box(48, 64, 40, 32), 32).astype(np.int32)
+  assert np.abs(got - expected).max() <= 1
+
+
+def test_inception_box_ranges_and_fallback():
+  rng = np.random.default_rng(0)
+  boxes = np.array([pp.sample_inception_box(rng, 375, 500) for _ in range(2000)])
+  top, left, h, w = boxes.T
+  assert (top >= 0).all() and (left >= 0).all() and (top + h <= 375).all() and (left + w <= 500).all()
+  area = h * w / (375 * 500)
+  assert area.min() >= 0.05 and area.max() <= 1.0
+  aspect = w / h
+  assert aspect.min() >= 0.75 - 0.02 and aspect.max() <= 4 / 3 + 0.02
+  assert area.min() < 0.1 and area.max() > 0.8  # the whole range is used
+  assert len({tuple(b) for b in boxes}) > 1900
+  # A 1x100 strip has no crop of area >= 5% with aspect in [3/4, 4/3]: the whole image, as TF falls back to.
+  assert pp.sample_inception_box(rng, 1, 100) == (0, 0, 1, 100)
+
+
+def test_inception_crop_flips_and_sizes():
+  img = Image.fromarray(_gradient(40, 50)).convert("RGB")
+  outs = [pp.inception_crop(img, np.random.default_rng(s), 16) for s in range(40)]
+  assert all(o.shape == (16, 16, 3) for o in outs)
+  # x increases to the right unless flipped; both must happen.
+  increasing = [int(o[8, -1, 0]) > int(o[8, 0, 0]) for o in outs]
+  assert any(increasing) and not all(increasing)
+
+
+def _encode(array, fmt, mode=None):
+  buf = io.BytesIO()
+  Image.fromarray(array, mode).save(buf, fmt)
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize("array,fmt", [
+    (np.full((5, 7), 200, np.uint8), "PNG"),  # grey
+    (np.dstack([np.full((5, 7), 200, np.uint8)] * 3 + [np.zeros((5, 7), np.uint8)]), "PNG"),  # RGBA, alpha 0
+    (np.full((5, 7, 3), 200, np.uint8), "JPEG"),
+])
+def test_decode_any_mode_to_rgb(array, fmt):
+  out = np.asarray(pp.decode(_encode(array, fmt)))
+  assert out.shape == (5, 7, 3)
+  assert np.abs(out.astype(int) - 200).max() <= 2
+
+
+def test_decode_arrays_and_corrupt():
+  assert np.asarray(pp.decode(np.zeros((3, 4, 1), np.uint8))).shape == (3, 4, 3)
+  assert np.asarray(pp.decode(np.zeros((3, 4, 4), np.uint8))).shape == (3, 4, 3)
+  with pytest.raises(pp.CorruptImage):
+    pp.decode(b"not an image")
+  with pytest.raises(pp.CorruptImage):
+    pp.decode(_encode(np.zeros((64, 64, 3), np.uint8), "JPEG")[:100])  # truncated
+
+
+def test_normalize_range():
+  np.testing.assert_allclose(pp.normalize(np.array([0, 127.5, 255])), [-1, 0, 1])
+
+
+def test_affine_without_motion_is_a_resize():
+  img = Image.fromarray(_gradient(8, 8)).convert("RGB")
+  out = pp.random_affine(img, np.random.default_rng(0), 16, max_rotate=0, scale_range=(1, 1), max_translate=0)
+  i, j = np.mgrid[0:16, 0:16]
+  x, y = (j + 0.5) / 2 - 0.5, (i + 0.5) / 2 - 0.5
+  inner = (slice(1, 15), slice(1, 15))  # bilinear of a linear image is exact away from the border
+  np.testing.assert_allclose(out[..., 0][inner], (x + 2 * y)[inner], atol=1)
+  moved = pp.random_affine(img, np.random.default_rng(0), 16)
+  assert moved.shape == (16, 16, 3) and not np.array_equal(moved, out)
+
+
+def test_train_and_eval_preprocess_outputs():
+  cfg = ml_collections.ConfigDict(dict(crop=8, resize=None, augment="inception_crop"))
+  record = {"image": _encode(np.full((20, 30, 3), 255, np.uint8), "PNG"), "label": 3, "id": "x"}
+  ex = pp.TrainPreprocess(cfg)(record, np.random.default_rng(0))
+  assert ex["image"].shape == (8, 8, 3) and ex["image"].dtype == np.float32 and ex["_skipped"] == ""
+  np.testing.assert_allclose(ex["image"], 1.0)
+  bad = pp.EvalPreprocess(cfg)({"image": b"junk", "label": 1, "id": "bad.jpg"})
+  assert bad["mask"] == 0 and bad["_skipped"].startswith("bad.jpg")
+  mix = pp.Mixup(0.2, 4)({"image": np.stack([np.ones((2, 2, 3)), -np.ones((2, 2, 3))]).astype(np.float32),
+                          "label": np.array([0, 1])}, np.random.default_rng(0))
+  np.testing.assert_allclose(mix["label"].sum(1), 1, rtol=1e-6)
+  lam = mix["label"][0, 0]
+  np.testing.assert_allclose(mix["image"][0], lam - (1 - lam), rtol=1e-5)

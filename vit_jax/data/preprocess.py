@@ -1,0 +1,239 @@
+"""Per-example preprocessing in numpy/PIL, run inside grain workers.
+
+Zoo conventions: training takes an Inception-style random crop (TF's `sample_distorted_bounding_box` with
+area_range=(0.05, 1), aspect_ratio_range=(3/4, 4/3), min_object_covered=0, 100 attempts, whole image as the
+fallback) plus a random horizontal flip, resized to `pp.crop`; evaluation resizes to `pp.crop` (or to
+`pp.resize` then takes the central `pp.crop`); pixels are scaled to [-1, 1] as x / 127.5 - 1.
+
+Resizing is PIL bilinear with a source box, so crop + resize is one pass over the pixels. When enlarging it
+equals TF's `tf.image.resize` (half-pixel centres); when shrinking PIL low-pass filters (like
+`tf.image.resize(..., antialias=True)`) where the zoo's TF code did not, which moves pixels by a few levels.
+
+A training op is `op(image: PIL.Image, rng, crop) -> uint8 array [crop, crop, 3]` in `TRAIN_OPS`; ops that
+work on the cropped uint8 array (RandAugment, later) go in `ARRAY_OPS` and are applied after it.
+"""
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+from vit_jax.errors import UserError
+
+AREA_RANGE = (0.05, 1.0)
+ASPECT_RANGE = (3 / 4, 4 / 3)
+MAX_ATTEMPTS = 100
+
+
+class CorruptImage(Exception):
+  """An image that cannot be decoded; the pipeline skips and counts it (or fails when strict)."""
+
+
+def decode(image) -> Image.Image:
+  """Encoded bytes (JPEG/PNG/...) or a uint8 array, any size, grey/RGB/RGBA/palette -> an RGB PIL image."""
+  if image is None:
+    raise CorruptImage("unreadable file")
+  if isinstance(image, np.ndarray):
+    if image.ndim == 3 and image.shape[-1] == 1:
+      image = image[..., 0]
+    if image.ndim == 3 and image.shape[-1] == 4:
+      image = image[..., :3]  # drop alpha, as tf.image.decode_image(channels=3) does
+    return Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+  try:
+    img = Image.open(io.BytesIO(image))
+    img.load()  # decode now: a truncated file must fail here, not later
+    if img.mode in ("I;16", "I;16B", "I"):  # 16-bit grey PNG: scale to 8 bits instead of clipping
+      img = Image.fromarray((np.asarray(img, np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
+    return img.convert("RGB")  # RGBA drops alpha, L/LA/P/CMYK become RGB
+  except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+    raise CorruptImage(f"{type(e).__name__}: {e}") from None
+
+
+def sample_inception_box(rng: np.random.Generator, height: int, width: int,
+                         area_range=AREA_RANGE, aspect_range=ASPECT_RANGE, max_attempts=MAX_ATTEMPTS):
+  """(top, left, crop_height, crop_width) like TF's sample_distorted_bounding_box (GenerateRandomCrop).
+
+  TF draws the aspect ratio uniformly, then the crop height uniformly between the heights giving the minimum
+  and maximum area; it retries `max_attempts` times and falls back to the whole image.
+  """
+  for _ in range(max_attempts):
+    aspect = rng.uniform(*aspect_range)
+    box = _generate_random_crop(rng, width, height, area_range, aspect)
+    if box is not None:
+      return box
+  return 0, 0, height, width
+
+
+def _lrint(x):
+  return int(round(x))  # round half to even, like C's lrintf
+
+
+def _generate_random_crop(rng, original_width, original_height, area_range, aspect_ratio):
+  min_area = area_range[0] * original_width * original_height
+  max_area = area_range[1] * original_width * original_height
+  height = _lrint(math.sqrt(min_area / aspect_ratio))
+  max_height = _lrint(math.sqrt(max_area / aspect_ratio))
+  if _lrint(max_height * aspect_ratio) > original_width:
+    # The largest max_height with round(max_height * aspect_ratio) <= original_width.
+    max_height = int((original_width + 0.5 - 1e-7) / aspect_ratio)
+    if _lrint(max_height * aspect_ratio) > original_width:
+      max_height -= 1
+  max_height = min(max_height, original_height)
+  height = min(height, max_height)
+  if height < max_height:
+    height += int(rng.integers(max_height - height + 1))
+  width = _lrint(height * aspect_ratio)
+  area = width * height
+  if area < min_area:
+    height += 1
+    width = _lrint(height * aspect_ratio)
+    area = width * height
+  if area > max_area:
+    height -= 1
+    width = _lrint(height * aspect_ratio)
+    area = width * height
+  if (area < min_area or area > max_area or width > original_width or height > original_height
+      or width <= 0 or height <= 0):
+    return None
+  top = int(rng.integers(original_height - height)) if height < original_height else 0
+  left = int(rng.integers(original_width - width)) if width < original_width else 0
+  return top, left, height, width
+
+
+def crop_resize(img: Image.Image, box, size: int) -> np.ndarray:
+  """Crop `box` = (top, left, height, width) (floats allowed) and resize it to size x size, in one pass."""
+  top, left, h, w = box
+  out = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+  return np.asarray(out, np.uint8)
+
+
+def central_crop_box(height: int, width: int, resize: int, crop: int):
+  """The box of the original that becomes the central `crop` after resizing the whole image to `resize`.
+
+  Resizing to resize x resize then cropping equals resizing this box straight to crop x crop (same filter
+  scale), without materialising the intermediate image.
+  """
+  offset = (resize - crop) // 2
+  sy, sx = height / resize, width / resize
+  return offset * sy, offset * sx, crop * sy, crop * sx
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+  return image.astype(np.float32) / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------ train ops
+
+
+def inception_crop(img, rng, crop):
+  top, left, h, w = sample_inception_box(rng, img.height, img.width)
+  out = crop_resize(img, (top, left, h, w), crop)
+  return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def random_affine(img, rng, crop, max_rotate=10.0, scale_range=(0.9, 1.1), max_translate=0.1):
+  """Small random rotation/scale/translation fused with the resize to crop x crop (one interpolation).
+
+  Enough augmentation for a small ViT to generalise on tiny datasets such as `digits`; the fill is black,
+  which is the background of `digits`.
+  """
+  angle = math.radians(rng.uniform(-max_rotate, max_rotate))
+  scale = rng.uniform(*scale_range)
+  tx, ty = rng.uniform(-max_translate, max_translate, size=2) * crop
+  # PIL's AFFINE maps output coordinates to input ones: p_in = c_in + (in/out) * R(-angle) (p_out - c_out - t) / s.
+  cos, sin = math.cos(angle), math.sin(angle)
+  kx, ky = img.width / crop / scale, img.height / crop / scale
+  a, b = kx * cos, kx * sin
+  d, e = -ky * sin, ky * cos
+  ox, oy = crop / 2 + tx, crop / 2 + ty
+  c = img.width / 2 - a * ox - b * oy
+  f = img.height / 2 - d * ox - e * oy
+  out = img.transform((crop, crop), Image.Transform.AFFINE, (a, b, c, d, e, f),
+                      resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+  return np.asarray(out, np.uint8)
+
+
+def plain_resize(img, rng, crop):
+  del rng
+  return crop_resize(img, (0, 0, img.height, img.width), crop)
+
+
+TRAIN_OPS = {"inception_crop": inception_crop, "affine": random_affine, "none": plain_resize}
+ARRAY_OPS = {}  # name -> op(uint8 array, rng) -> uint8 array, applied after the train op (e.g. RandAugment)
+
+
+def check_pp(pp):
+  if pp.get("augment", "inception_crop") not in TRAIN_OPS:
+    raise UserError(f"config.pp.augment={pp.augment!r} is not one of {sorted(TRAIN_OPS)}")
+  if not isinstance(pp.crop, int) or pp.crop <= 0:
+    raise UserError(f"config.pp.crop={pp.crop!r} must be a positive int")
+  resize = pp.get("resize")
+  if resize is not None and (not isinstance(resize, int) or resize < pp.crop):
+    raise UserError(f"config.pp.resize={resize!r} must be None or an int >= pp.crop={pp.crop}")
+  if float(pp.get("mixup", 0.0) or 0.0) < 0:
+    raise UserError(f"config.pp.mixup={pp.mixup!r} must be >= 0 (0 = off)")
+
+
+# ------------------------------------------------------------------------- picklable per-example callables
+
+
+def _corrupt_example(record, crop, reason):
+  return {"image": np.zeros((crop, crop, 3), np.float32), "label": np.int32(record["label"]),
+          "_skipped": f"{record['id']} ({reason})"}
+
+
+class TrainPreprocess:
+  """(raw record, rng) -> {'image' float32 [crop, crop, 3] in [-1, 1], 'label' int32, '_skipped' str}."""
+
+  def __init__(self, pp):
+    self.crop = pp.crop
+    self.op = TRAIN_OPS[pp.get("augment", "inception_crop")]
+    self.array_ops = [ARRAY_OPS[name] for name in pp.get("array_ops", ())]
+
+  def __call__(self, record, rng):
+    try:
+      img = decode(record["image"])
+    except CorruptImage as e:
+      return _corrupt_example(record, self.crop, e)
+    out = self.op(img, rng, self.crop)
+    for op in self.array_ops:
+      out = op(out, rng)
+    return {"image": normalize(out), "label": np.int32(record["label"]), "_skipped": ""}
+
+
+class EvalPreprocess:
+  """record -> eval example with 'mask'; a corrupt image becomes a masked-out example (counted, not scored)."""
+
+  def __init__(self, pp):
+    self.crop, self.resize = pp.crop, pp.get("resize")
+
+  def __call__(self, record):
+    try:
+      img = decode(record["image"])
+    except CorruptImage as e:
+      return {**_corrupt_example(record, self.crop, e), "mask": np.float32(0)}
+    if self.resize:
+      box = central_crop_box(img.height, img.width, self.resize, self.crop)
+    else:
+      box = (0, 0, img.height, img.width)
+    return {"image": normalize(crop_resize(img, box, self.crop)), "label": np.int32(record["label"]),
+            "mask": np.float32(1), "_skipped": ""}
+
+  def padding(self):
+    return {"image": np.zeros((self.crop, self.crop, 3), np.float32), "label": np.int32(0),
+            "mask": np.float32(0), "_skipped": ""}
+
+
+class Mixup:
+  """Batch op: mix each example with the batch reversed, lam ~ Beta(alpha, alpha); labels become soft."""
+
+  def __init__(self, alpha: float, num_classes: int):
+    self.alpha, self.num_classes = alpha, num_classes
+
+  def __call__(self, batch, rng):
+    lam = np.float32(rng.beta(self.alpha, self.alpha))
+    onehot = np.eye(self.num_classes, dtype=np.float32)[batch["label"]]
+    batch = dict(batch)
+    batch["image"] = lam * batch["image"] + (1 - lam) * batch["image"][::-1]
+    batch["label"] = lam * onehot + (1 - lam) * onehot[::-1]
+    return batch

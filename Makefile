@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test install clean-venv
+.PHONY: train test install clean-venv
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The quickstart: a small ViT from scratch on the bundled digits, ~98% test accuracy in a few CPU minutes.
+# Re-running resumes an unfinished run; delete runs/quickstart to start over.
+train: $(STAMP)
+	$(PY) -m vit_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests

@@ -51,6 +51,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
   # The file holds the zoo's '/'-joined keys.
   assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel" in np.load(path).files
   assert not os.path.exists(str(path) + ".tmp")
+  checkpoint.save(jax.tree.map(lambda v: v + 1, params), path)  # an existing file is replaced
+  np.testing.assert_array_equal(checkpoint.load(path)["cls"], params["cls"] + 1)
 
 
 def test_load_renames_linen_era_names_and_squeezes_groupnorm(tmp_path):

@@ -105,7 +105,7 @@ def save(params, path):
   # Write then rename, so a crash never leaves a half-written file under the final name.
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_bytes(buffer.getvalue())
-  tmp.rename(path)
+  tmp.replace(path)  # overwrites an existing file (`rename` refuses to)
   return path
 
 

@@ -1,0 +1,66 @@
+"""Defaults every config starts from: all keys of the config contract (design.md §4), documented once here.
+
+Not a runnable experiment itself; the other files call `common.get_config()` and change what they need, e.g.
+  python -m vit_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.trainer = "train"  # what vit_jax.main runs
+
+  # Model: a registry name (`python -c "import vit_jax.models as m; print(m.model_names())"`), plus overrides of
+  # its fields, e.g. config.model = {"hidden_size": 64, "transformer": {"num_layers": 4}}.
+  config.model_name = "ViT-B_16"
+  config.model = ml_collections.ConfigDict()
+  config.pretrained_path = config_dict.placeholder(str)  # zoo .npz to fine-tune from; None trains from scratch
+  config.dtype = "float32"  # compute dtype: float32 or bfloat16; parameters stay float32
+
+  # Data (vit_jax.data): a TFDS name, `digits` or an image-folder path.
+  config.dataset = "cifar10"
+  config.tfds_data_dir = config_dict.placeholder(str)
+  config.pp = ml_collections.ConfigDict()
+  config.pp.train = "train"
+  config.pp.test = "test"
+  config.pp.crop = 224
+  # Progressive resizing: ((start_step, crop), ...) switches the image size at those steps (position embeddings
+  # and their optimizer moments are resampled); empty trains at pp.crop throughout.
+  config.crop_stages = ()
+  config.pp.resize = config_dict.placeholder(int)
+  config.pp.augment = "inception_crop"  # inception_crop | affine | none
+  config.pp.mixup = 0.0  # mixup alpha; 0 is off
+  config.pp.strict = False  # a corrupt image is an error (True) or skipped and counted (False)
+  config.num_workers = 0  # grain worker processes; 0 reads in the main process
+  config.read_threads = 2  # reader threads per process
+  config.prefetch = 2  # device batches prepared ahead
+
+  # Optimisation (vit_jax.optim).
+  config.batch = 512
+  config.batch_eval = 512
+  config.accum_steps = 1  # micro-batches per step: batch / accum_steps examples in memory at a time
+  config.total_steps = 10_000
+  config.warmup_steps = 500
+  config.base_lr = 0.03
+  config.decay_type = "cosine"  # cosine | linear | constant
+  config.grad_norm_clip = 1.0  # 0 disables clipping
+  config.optimizer = "sgd"  # sgd (momentum) | adamw (decoupled weight decay on kernels)
+  config.momentum = 0.9  # SGD momentum, or AdamW's beta1
+  config.beta2 = 0.999
+  config.momentum_dtype = "float32"  # bfloat16 halves the optimizer state
+  config.weight_decay = 0.0
+  config.label_smoothing = 0.0
+  config.loss = "softmax_xent"  # softmax_xent | sigmoid_xent
+  config.seed = 0
+
+  # Devices (vit_jax.sharding): sizes of the mesh axes; -1 takes the remaining devices.
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+  # Bookkeeping. 0 for eval_every/checkpoint_every means only at the end.
+  config.progress_every = 100
+  config.eval_every = 1000
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+  config.peak_flops = config_dict.placeholder(float)  # FLOP/s ceiling for MFU; None measures a matmul at start
+  return config

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# N JAX processes on this machine (127.0.0.1), each with K emulated CPU devices and gloo collectives: a real
+# multi-process run, the same code path as a TPU pod or GPU cluster, on one laptop. The tests use it.
+#
+#   launch/local.sh 2 --config=configs/quickstart.py --workdir=runs/mp      # 2 processes x 4 devices
+#   launch/local.sh 2 --module=vit_jax.distributed                          # smoke test: psum over 8 devices
+#
+# Process i gets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, which vit_jax.distributed.initialize
+# reads (equivalent to --coordinator_address/--num_processes/--process_id). Process 0 writes to this terminal,
+# process i > 0 to LOG_DIR/process_i.log. When one process fails the others are stopped; the exit status is
+# that of the first failure.
+set -euo pipefail
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+  cat >&2 <<'EOF'
+usage: launch/local.sh N [options] [--] [ARGS...]
+  N                          number of processes (>= 1)
+  --devices_per_process=K    emulated CPU devices per process (default 4)
+  --port=P                   coordinator port on 127.0.0.1 (default: a free port)
+  --module=M                 python module to run (default vit_jax.main); ARGS are passed to it
+  --log_dir=DIR              logs of processes 1..N-1 (default: a new temporary directory)
+  --dry-run                  print the commands, run nothing
+environment: PYTHON (default python3)
+EOF
+  exit 2
+}
+
+[[ $# -ge 1 ]] || usage
+num_processes=$1
+shift
+[[ $num_processes =~ ^[1-9][0-9]*$ ]] || { echo "error: N must be a positive integer, got '$num_processes'" >&2; usage; }
+
+devices_per_process=4
+port=""
+module=vit_jax.main
+log_dir=""
+dry_run=false
+args=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --devices_per_process=*) devices_per_process=${1#*=} ;;
+    --port=*) port=${1#*=} ;;
+    --module=*) module=${1#*=} ;;
+    --log_dir=*) log_dir=${1#*=} ;;
+    --dry-run) dry_run=true ;;
+    -h|--help) usage ;;
+    --) shift; args+=("$@"); break ;;
+    *) args+=("$1") ;;
+  esac
+  shift
+done
+[[ $devices_per_process =~ ^[1-9][0-9]*$ ]] || { echo "error: --devices_per_process must be a positive integer" >&2; exit 2; }
+python=${PYTHON:-python3}
+
+if [[ -z $port ]]; then
+  if $dry_run; then
+    port=PORT  # a real run picks a free one
+  else
+    port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  fi
+fi
+if [[ -z $log_dir ]]; then
+  if $dry_run; then log_dir=LOG_DIR; else log_dir=$(mktemp -d -t vit_jax_local.XXXXXX); fi
+fi
+
+# The command of process $1, one word per array element.
+command_of() {
+  cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$devices_per_process"
+       "JAX_COORDINATOR_ADDRESS=127.0.0.1:$port" "JAX_NUM_PROCESSES=$num_processes" "JAX_PROCESS_ID=$1"
+       "$python" -m "$module" "${args[@]}")
+}
+
+if $dry_run; then
+  for ((i = 0; i < num_processes; i++)); do
+    command_of "$i"
+    if ((i > 0)); then
+      echo "$(print_command "${cmd[@]}") > $(print_command "$log_dir/process_$i.log") 2>&1 &"
+    else
+      echo "$(print_command "${cmd[@]}") &"
+    fi
+  done
+  echo wait
+  exit 0
+fi
+
+mkdir -p "$log_dir"
+pids=()
+stop_all() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+}
+trap 'stop_all; exit 130' INT TERM
+
+for ((i = 0; i < num_processes; i++)); do
+  command_of "$i"
+  if ((i > 0)); then "${cmd[@]}" > "$log_dir/process_$i.log" 2>&1 & else "${cmd[@]}" & fi
+  pids+=("$!")
+done
+if ((num_processes > 1)); then echo "local.sh: logs of processes 1..$((num_processes - 1)) in $log_dir" >&2; fi
+
+declare -A index_of  # running pid -> process index
+for ((i = 0; i < num_processes; i++)); do index_of[${pids[$i]}]=$i; done
+status=0
+while ((${#index_of[@]} > 0)); do
+  finished=""
+  if wait -n -p finished "${!index_of[@]}"; then unset "index_of[$finished]"; continue; else status=$?; fi
+  i=${index_of[$finished]}
+  unset "index_of[$finished]"
+  if ((i > 0)); then
+    # A bad config fails every process at once: give process 0 a moment, so its error line (on this terminal)
+    # is the one reported, not a copy from the logs.
+    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "${pids[0]}" 2>/dev/null || break; sleep 0.5; done
+    if ! kill -0 "${pids[0]}" 2>/dev/null && [[ -n ${index_of[${pids[0]}]:-} ]]; then
+      unset "index_of[${pids[0]}]"
+      if wait "${pids[0]}"; then :; else status=$?; i=0; fi
+    fi
+  fi
+  if ((i > 0)); then
+    echo "local.sh: process $i exited with status $status; last lines of $log_dir/process_$i.log:" >&2
+    tail -n 5 "$log_dir/process_$i.log" >&2
+  fi
+  stop_all
+  wait || true
+  break
+done
+exit "$status"

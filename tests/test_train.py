@@ -1,0 +1,207 @@
+"""Train step, losses, sharding equivalence, accumulation and short end-to-end runs on `digits` (in process)."""
+import json
+import os
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vit_jax import checkpoint, optim, sharding, train
+from vit_jax.errors import UserError
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "configs"))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def tiny_config(**overrides):
+  """A 1-layer ViT on digits at 16 px: a few seconds per run."""
+  config = common.get_config()
+  config.model_name = "testing"
+  config.model = {"patches": {"size": (4, 4)}}
+  config.dataset = "digits"
+  config.pp.crop = 16
+  config.pp.augment = "none"
+  config.batch = 32
+  config.batch_eval = 128
+  config.total_steps = 6
+  config.warmup_steps = 2
+  config.base_lr = 1e-3
+  config.optimizer = "adamw"
+  config.weight_decay = 1e-4
+  config.progress_every = 2
+  config.eval_every = 3
+  config.checkpoint_every = 3
+  config.peak_flops = 1e12  # skip the matmul measurement
+  config.update(overrides)
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+# --- losses ---------------------------------------------------------------------------------------------------
+
+
+def test_softmax_loss_with_label_smoothing_by_hand():
+  logits = jnp.array([[2.0, 0.0, -1.0]])
+  log_probs = jax.nn.log_softmax(logits)[0]
+  targets = np.array([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3])
+  got = train.per_example_loss(logits, jnp.array([0]), loss="softmax_xent", label_smoothing=0.1)
+  np.testing.assert_allclose(got, [-(targets * log_probs).sum()], rtol=1e-6)
+
+
+def test_sigmoid_loss_sums_over_classes():
+  logits = jnp.array([[1.0, -2.0]])
+  expected = np.log1p(np.exp(-1.0)) + np.log1p(np.exp(-2.0))  # class 0 positive, class 1 negative
+  got = train.per_example_loss(logits, jnp.array([0]), loss="sigmoid_xent")
+  np.testing.assert_allclose(got, [expected], rtol=1e-6)
+
+
+def test_soft_labels_from_mixup():
+  logits = jnp.array([[1.0, 0.0]])
+  got = train.per_example_loss(logits, jnp.array([[0.5, 0.5]]), loss="softmax_xent")
+  np.testing.assert_allclose(got, [-0.5 * jax.nn.log_softmax(logits)[0].sum()], rtol=1e-6)
+
+
+# --- train step on synthetic batches ---------------------------------------------------------------------------
+
+
+def _synthetic_batches(num, batch, crop=16, classes=10):
+  rng = np.random.RandomState(0)
+  return [{"image": rng.uniform(-1, 1, (batch, crop, crop, 3)).astype(np.float32),
+           "label": rng.randint(0, classes, batch).astype(np.int32)} for _ in range(num)]
+
+
+def _losses(config, mesh, batches):
+  tx = optim.make_optimizer(config)
+  model = train.create_model(config, num_classes=10)
+  init_fn = train.make_init_fn(model, tx, config)
+  shardings = sharding.tree_shardings(jax.eval_shape(init_fn, jax.random.PRNGKey(0)), mesh)
+  state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  step = train.make_train_step(model, tx, config, mesh, shardings)
+  losses = []
+  for batch in batches:
+    state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    losses.append(float(metrics["train_loss"]))
+  return np.array(losses), jax.device_get(state.params)
+
+
+def _mesh(data, fsdp, tensor, num_devices):
+  config = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+  return sharding.make_mesh(config, jax.devices()[:num_devices])
+
+
+def test_mesh_layouts_give_the_same_loss_curve():
+  # hidden 16, 2 heads, MLP 32: fsdp and tensor axes of size 2 really split the kernels; dropout stays on.
+  config = tiny_config(model={"hidden_size": 16, "patches": {"size": (4, 4)},
+                              "transformer": {"mlp_dim": 32, "num_heads": 2}})
+  batches = _synthetic_batches(4, 16)
+  reference, reference_params = _losses(config, _mesh(1, 1, 1, 1), batches)
+  assert reference[-1] < reference[0]
+  for layout in [(8, 1, 1), (4, 2, 1), (2, 2, 2)]:
+    losses, params = _losses(config, _mesh(*layout, 8), batches)
+    np.testing.assert_allclose(losses, reference, rtol=2e-5, err_msg=str(layout))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params, reference_params)
+
+
+def test_accumulation_equals_the_large_batch():
+  no_dropout = {"patches": {"size": (4, 4)}, "transformer": {"dropout_rate": 0.0}}
+  batches = _synthetic_batches(3, 32)
+  mesh = _mesh(2, 2, 1, 4)
+  # SGD: updates are linear in the gradient, so summation-order noise is not amplified as Adam's would be.
+  large, large_params = _losses(tiny_config(model=no_dropout, optimizer="sgd"), mesh, batches)
+  accumulated, accumulated_params = _losses(tiny_config(model=no_dropout, optimizer="sgd", accum_steps=4), mesh,
+                                            batches)
+  np.testing.assert_allclose(accumulated, large, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), accumulated_params, large_params)
+
+
+# --- end to end on digits ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A complete 6-step run, shared: its workdir is checked here and its model.npz is fine-tuned below."""
+  workdir = str(tmp_path_factory.mktemp("finished") / "run")
+  result = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, result
+
+
+def test_train_and_evaluate_writes_the_workdir_contract(finished_run):
+  workdir, result = finished_run
+  records = read_metrics(workdir)
+  assert [r["step"] for r in records] == [2, 3, 4, 6]
+  for record in records:
+    if "train_loss" in record:
+      assert {"train_loss", "train_accuracy", "learning_rate", "grad_norm", "img_per_sec", "mfu"} <= set(record)
+  assert "test_accuracy" in records[1] and "test_accuracy" in records[-1]
+  assert result["test_accuracy"] == records[-1]["test_accuracy"]
+  assert records[0]["learning_rate"] > 0
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    assert json.load(f)["model_name"] == "testing"
+  params = checkpoint.load(os.path.join(workdir, "model.npz"))
+  assert params["head"]["kernel"].shape == (10, 10)
+  assert params["embedding"]["kernel"].shape == (4, 4, 3, 10)
+
+
+def test_resume_with_a_changed_config_is_refused(finished_run):
+  workdir, _ = finished_run
+  with pytest.raises(UserError, match=r"different config: base_lr \(was 0.001, now 0.1\)"):
+    train.train_and_evaluate(tiny_config(base_lr=0.1), workdir)
+  # Run-control keys may change: this resumes, finds the run complete and leaves model.npz as it is.
+  before = os.path.getmtime(os.path.join(workdir, "model.npz"))
+  train.train_and_evaluate(tiny_config(progress_every=1, eval_every=0), workdir)
+  assert os.path.getmtime(os.path.join(workdir, "model.npz")) == before
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(total_steps=8, base_lr=1e30, warmup_steps=0, grad_norm_clip=0.0, optimizer="sgd",
+                       checkpoint_every=1, progress_every=1, eval_every=0)
+  with pytest.raises(UserError, match=r"train loss is (nan|inf) at step (\d+).*checkpoint \(step \d+\)"):
+    train.train_and_evaluate(config, workdir)
+  steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
+  assert steps and max(steps) < 8
+
+
+def test_fine_tune_from_a_checkpoint_at_another_resolution(finished_run, tmp_path):
+  pretrained = os.path.join(finished_run[0], "model.npz")  # trained at 16 px: a 4x4 grid
+  config = tiny_config(total_steps=2, eval_every=0, pretrained_path=pretrained)
+  config.pp.crop = 24  # a 6x6 grid: the position embeddings are interpolated
+  train.train_and_evaluate(config, str(tmp_path / "finetune"))
+  params = checkpoint.load(str(tmp_path / "finetune" / "model.npz"))
+  assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 37, 10)
+
+
+def test_incompatible_pretrained_checkpoint_fails_before_compiling(finished_run, tmp_path):
+  config = tiny_config(model={"patches": {"size": (4, 4)}, "hidden_size": 12},
+                       pretrained_path=os.path.join(finished_run[0], "model.npz"))
+  with pytest.raises(UserError, match="has shape"):
+    train.train_and_evaluate(config, str(tmp_path / "finetune"))
+  assert not os.path.exists(tmp_path / "finetune" / "checkpoints")
+
+
+def test_progressive_resizing_resamples_position_embeddings(tmp_path):
+  config = tiny_config(total_steps=4, eval_every=0, progress_every=1, checkpoint_every=2,
+                       crop_stages=((2, 24),))  # steps 0-1 at 16 px, 2-3 at 24 px
+  assert train.crop_at(config, 1) == 16 and train.crop_at(config, 2) == 24
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  params = checkpoint.load(str(workdir / "model.npz"))
+  assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 37, 10)
+  # Resuming from the checkpoint taken right at the switch (step 2, still 16 px) redoes it identically.
+  uninterrupted = read_metrics(workdir)
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  os.remove(workdir / "model.npz")
+  train.train_and_evaluate(config, str(workdir))
+  losses = lambda records: [(r["step"], r["train_loss"], r["learning_rate"]) for r in records]
+  assert losses(read_metrics(workdir)) == losses(uninterrupted)
+

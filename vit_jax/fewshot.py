@@ -1,0 +1,228 @@
+"""Few-shot linear evaluation (ViT paper, Sec. 4.1): a closed-form ridge regression on frozen pre-logit features.
+
+For k shots per class, k training images of every class are drawn (per seed); the frozen model's pre-logit
+features of those images are centred (by the support mean) and scaled to unit mean squared norm, and a
+regularised least-squares map W = argmin |X W - Y|^2 + l2_reg |W|^2 to targets Y in {-1, +1}^classes is solved in
+closed form; test images are classified by argmax of (x - mean) W. No bias is needed: with the same number of
+shots in every class its optimum is the same constant for every class, which does not change the argmax.
+Accuracy is averaged over seeds; the draws are nested (the 5 shots of a seed contain its 1 shot).
+
+  python -m vit_jax.fewshot --checkpoint=runs/quickstart [--dataset=digits --shots=1,5,10,25 --seeds=3]
+
+During training (`config.fewshot`, see `default_config`), build the evaluator once (it caches the preprocessed
+images) and call it with the current parameters:
+
+  evaluator = fewshot.FewShotEvaluator(config)           # or fewshot.evaluate(params, model, config), uncached
+  metrics = evaluator(state.params, model)               # {'fewshot_5shot_accuracy': ..., ...}
+"""
+import json
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_jax import data, trained_model
+from vit_jax.data import preprocess
+from vit_jax.errors import UserError, run_cli
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Flags of this CLI, defined only when it runs (other CLIs use the same names)."""
+  flags.DEFINE_string("checkpoint", None, "Training workdir or zoo .npz file.")
+  flags.DEFINE_string("model_name", None, "Registry name of the .npz's model, e.g. ViT-B_16.")
+  flags.DEFINE_string("dataset", None, "digits, a TFDS name or an image folder; default: the run's.")
+  flags.DEFINE_string("train_split", "train", "Split the shots are drawn from.")
+  flags.DEFINE_string("test_split", "test", "Split the probe is scored on.")
+  flags.DEFINE_list("shots", ["1", "5", "10", "25"], "Shots per class.")
+  flags.DEFINE_integer("seeds", 3, "Draws of the shots to average over.")
+  flags.DEFINE_float("l2_reg", None, "Ridge regularisation (on unit-scale features); default 0.1.")
+  flags.DEFINE_integer("image_size", None, "Resolution; default: the checkpoint's.")
+  flags.DEFINE_string("tfds_data_dir", None, "Where prepared TFDS datasets live.")
+  flags.DEFINE_string("output", None, "Also write the JSON result to this file.")
+
+DEFAULT_L2_REG = 0.1
+
+
+def default_config():
+  """`config.fewshot`: None fields fall back to the run's (`dataset`, `pp.crop`, `pp.resize`, `tfds_data_dir`)."""
+  return ml_collections.ConfigDict({
+      "every": 0,  # steps between few-shot evaluations in training; 0 = off
+      "dataset": None, "tfds_data_dir": None, "train_split": "train", "test_split": "test",
+      "shots": (1, 5, 10, 25), "seeds": 3, "l2_reg": DEFAULT_L2_REG, "batch": 256,
+      "crop": None, "resize": None,
+  })
+
+
+# --- the linear probe --------------------------------------------------------------------------------------------
+
+
+def ridge_weights(x, targets, l2_reg):
+  """argmin_W |x W - targets|^2 + l2_reg |W|^2, solved in whichever of the primal/dual is smaller."""
+  x, targets = np.asarray(x, np.float64), np.asarray(targets, np.float64)
+  n, d = x.shape
+  if n >= d:
+    return np.linalg.solve(x.T @ x + l2_reg * np.eye(d), x.T @ targets)
+  # Dual form (fewer examples than features): W = x^T (x x^T + l2_reg I)^-1 targets.
+  return x.T @ np.linalg.solve(x @ x.T + l2_reg * np.eye(n), targets)
+
+
+def linear_probe_accuracy(train_x, train_y, test_x, test_y, num_classes, l2_reg=DEFAULT_L2_REG):
+  """Test accuracy of the ridge regression to {-1, +1} targets fitted on (train_x, train_y)."""
+  train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
+  mean = train_x.mean(axis=0, keepdims=True)
+  train_x, test_x = train_x - mean, test_x - mean
+  # Scale-free regularisation: l2_reg means the same for features of any width or magnitude.
+  scale = np.sqrt(np.mean(np.sum(train_x**2, axis=1))) or 1.0
+  train_x, test_x = train_x / scale, test_x / scale
+  targets = 2.0 * np.eye(num_classes)[np.asarray(train_y)] - 1.0
+  weights = ridge_weights(train_x, targets, l2_reg)
+  return float(np.mean(np.argmax(test_x @ weights, axis=1) == np.asarray(test_y)))
+
+
+def draw_shots(labels, num_classes, max_shots, seed):
+  """[num_classes, max_shots] indices into `labels`: a random ordering of each class, cut to `max_shots`."""
+  rng = np.random.default_rng(seed)
+  labels = np.asarray(labels)
+  draws = []
+  for c in range(num_classes):
+    members = np.flatnonzero(labels == c)
+    if len(members) < max_shots:
+      raise UserError(f"class {c} has {len(members)} training examples, fewer than {max_shots} shots; "
+                      "lower the shots or use a larger train split")
+    draws.append(rng.permutation(members)[:max_shots])
+  return np.stack(draws)
+
+
+# --- features ----------------------------------------------------------------------------------------------------
+
+
+def features_fn(model, batch):
+  """(params, images) -> pre-logit features, in fixed-size batches (one compilation)."""
+  features_model = model.clone(num_classes=0)
+  apply = jax.jit(lambda p, x: features_model.apply({"params": p}, x, train=False))
+
+  def compute(params, images):
+    params = {k: v for k, v in params.items() if k != "head"}
+    out = []
+    for start in range(0, len(images), batch):
+      chunk = images[start:start + batch]
+      padded = np.zeros((batch, *chunk.shape[1:]), np.float32)
+      padded[:len(chunk)] = chunk
+      out.append(np.asarray(apply(params, jnp.asarray(padded)))[:len(chunk)])
+    features = np.concatenate(out)
+    if features.ndim != 2:
+      raise UserError(f"model gives features of shape {features.shape[1:]} per image, not a vector; few-shot "
+                      "evaluation needs a pooled model (classifier token or gap)")
+    return features
+  return compute
+
+
+def _load_images(source, indices, pp):
+  images = []
+  run = preprocess.EvalPreprocess(pp)
+  for i in indices:
+    example = run(source[int(i)])
+    if example["_skipped"]:
+      raise UserError(f"cannot decode few-shot image {example['_skipped']}; remove it from the dataset")
+    images.append(example["image"])
+  return np.stack(images)
+
+
+class FewShotEvaluator:
+  """Holds the preprocessed support (all seeds) and test images; `__call__(params, model)` -> metrics."""
+
+  def __init__(self, config):
+    fs = default_config()
+    fs.update(config.get("fewshot", {}) or {})
+    self.shots = sorted({int(k) for k in fs.shots})
+    if not self.shots or self.shots[0] < 1:
+      raise UserError(f"fewshot.shots={tuple(fs.shots)} must be positive integers")
+    if fs.seeds < 1:
+      raise UserError(f"fewshot.seeds={fs.seeds} must be at least 1")
+    self.seeds, self.l2_reg, self.batch = int(fs.seeds), float(fs.l2_reg), int(fs.batch)
+    data_config = ml_collections.ConfigDict({
+        "dataset": fs.dataset or config.dataset,
+        "tfds_data_dir": fs.tfds_data_dir or config.get("tfds_data_dir"),
+    })
+    self.dataset = data_config.dataset
+    pp = ml_collections.ConfigDict({"crop": fs.crop or config.pp.crop,
+                                    "resize": fs.resize or config.pp.get("resize")})
+    train = data.open_source(data_config, fs.train_split)
+    test = data.open_source(data_config, fs.test_split)
+    self.num_classes = len(train.class_names)
+    labels = np.array([train[i]["label"] for i in range(len(train))])
+    # draws[s] is [classes, max_shots]; every draw's images are loaded once, in one array.
+    self.draws = [draw_shots(labels, self.num_classes, self.shots[-1], seed) for seed in range(self.seeds)]
+    self.support_indices = np.unique(np.concatenate([d.ravel() for d in self.draws]))
+    self.support_images = _load_images(train, self.support_indices, pp)
+    self.test_images = _load_images(test, range(len(test)), pp)
+    self.test_labels = np.array([test[i]["label"] for i in range(len(test))])
+    self._model, self._features = None, None  # the last model and its compiled feature function
+    logging.info("Few-shot on %s: %d support and %d test images, shots %s, %d seeds.", self.dataset,
+                 len(self.support_indices), len(self.test_labels), self.shots, self.seeds)
+
+  def __call__(self, params, model):
+    if model is not self._model:
+      self._model, self._features = model, features_fn(model, self.batch)
+    compute = self._features
+    support = compute(params, self.support_images)
+    test = compute(params, self.test_images)
+    row = {index: position for position, index in enumerate(self.support_indices)}
+    metrics = {}
+    for k in self.shots:
+      accuracies = []
+      for draw in self.draws:
+        chosen = draw[:, :k]
+        x = support[[row[i] for i in chosen.ravel()]]
+        y = np.repeat(np.arange(self.num_classes), k)
+        accuracies.append(linear_probe_accuracy(x, y, test, self.test_labels, self.num_classes, self.l2_reg))
+      metrics[f"fewshot_{k}shot_accuracy"] = float(np.mean(accuracies))
+      metrics[f"fewshot_{k}shot_accuracy_std"] = float(np.std(accuracies))
+    return metrics
+
+
+def evaluate(params, model, config):
+  """Few-shot metrics of `model` with `params` on `config.fewshot` (uncached: prefer `FewShotEvaluator`)."""
+  return FewShotEvaluator(config)(params, model)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value")
+  if not FLAGS.checkpoint:
+    raise UserError("--checkpoint is required: a training workdir or a zoo .npz file")
+  trained = trained_model.load(FLAGS.checkpoint, model_name=FLAGS.model_name, image_size=FLAGS.image_size,
+                               with_class_names=False)
+  run = trained.run_config
+  if not FLAGS.dataset and run is None:
+    raise UserError("--dataset is required with a .npz checkpoint (a workdir remembers its dataset)")
+  try:
+    shots = tuple(int(k) for k in FLAGS.shots)
+  except ValueError:
+    raise UserError(f"--shots={','.join(FLAGS.shots)} must be integers, e.g. --shots=1,5,10,25") from None
+  config = ml_collections.ConfigDict({
+      "dataset": FLAGS.dataset or run.dataset,
+      "tfds_data_dir": FLAGS.tfds_data_dir or (run.get("tfds_data_dir") if run is not None else None),
+      "pp": {"crop": trained.pp.crop, "resize": trained.pp.resize},
+      "fewshot": {"train_split": FLAGS.train_split, "test_split": FLAGS.test_split, "shots": shots,
+                  "seeds": FLAGS.seeds, "l2_reg": DEFAULT_L2_REG if FLAGS.l2_reg is None else FLAGS.l2_reg},
+  })
+  metrics = evaluate(trained.params, trained.model, config)
+  result = {"checkpoint": trained.source, "dataset": config.dataset, **metrics}
+  text = json.dumps(result, indent=2)
+  print(text)
+  if FLAGS.output:
+    try:
+      with open(FLAGS.output, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    except OSError as e:
+      raise UserError(f"cannot write --output={FLAGS.output}: {e.strerror}") from None
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(lambda argv: run_cli(main, argv))

@@ -1,0 +1,49 @@
+"""Model FLOPs and a measured compute ceiling, for model-FLOPs utilisation (MFU)."""
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def train_flops_per_image(model_config, image_size, num_classes) -> float:
+  """Training FLOPs of one image (forward + backward = 3x forward), counted analytically from matmuls.
+
+  Per layer: QKV and output projections 8*N*D^2, MLP 4*N*D*M, attention scores and mixing 4*N^2*D; plus the
+  patch embedding and the head. A hybrid's ResNet stem is not counted, so its MFU is a lower bound.
+  """
+  height, width = (image_size, image_size) if np.isscalar(image_size) else image_size
+  patch_h, patch_w = model_config.patches.size
+  grid = (height // patch_h) * (width // patch_w)
+  hidden = model_config.hidden_size
+  forward = 2 * grid * patch_h * patch_w * 3 * hidden + 2 * hidden * num_classes
+  transformer = model_config.get("transformer")
+  if transformer is not None:
+    tokens = grid + int(model_config.get("classifier", "token") in ("token", "token_unpooled"))
+    per_layer = 8 * tokens * hidden ** 2 + 4 * tokens * hidden * transformer.mlp_dim + 4 * tokens ** 2 * hidden
+    forward += transformer.num_layers * per_layer
+  return 3.0 * forward
+
+
+def measure_peak_flops(dtype, size=1024, repeats=5) -> float:
+  """FLOP/s of one device on a square matmul in `dtype`: a cheap, measured ceiling (a fraction of a second)."""
+  device = jax.devices()[0]
+  a = jax.device_put(jnp.ones((size, size), dtype), device)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = matmul(a)
+  out.block_until_ready()
+  return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def peak_flops(dtype) -> float:
+  """Ceiling of the whole job: one device's measured matmul rate times the devices that compute in parallel.
+
+  Emulated CPU devices share the host's cores, so there the ceiling of one device is the host's.
+  """
+  per_device = measure_peak_flops(dtype)
+  if jax.devices()[0].platform == "cpu":
+    return per_device * jax.process_count()
+  return per_device * jax.device_count()

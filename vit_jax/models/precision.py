@@ -1,12 +1,113 @@
-"""Matmuls and convolutions that accumulate in float32 whatever the operand dtype.
+"""Matmuls and convolutions that accumulate in float32 whatever the operand dtype, forward and backward.
 
-With bfloat16 operands this is what uses CPU AMX and GPU tensor cores at full rate (bf16 x bf16 -> bf16 dots are
-slower on CPU and lose precision); with float32 operands it is the plain operation.
+With bfloat16 operands a float32-accumulating matmul is what runs at full rate on CPUs with bf16 units (AVX512-BF16,
+AMX) and on GPU tensor cores; bf16 x bf16 -> bf16 is slower on CPU and loses precision. JAX's own gradient of such a
+matmul multiplies the float32 cotangent with a bf16 operand, which XLA computes as a float32 matmul. For the
+layers' matmuls (inputs' trailing axes contracted with the kernel's leading axes) `dot_general` therefore has its
+own gradient: the cotangent is rounded to the operands' dtype and the two gradient matmuls accumulate in float32,
+as the forward does. With float32 operands everything is the plain float32 computation.
 """
 import functools
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 
-dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-conv_general_dilated = functools.partial(jax.lax.conv_general_dilated, preferred_element_type=jnp.float32)
+conv_general_dilated = functools.partial(lax.conv_general_dilated, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _layer_matmul(inputs, kernel, num_contracted):
+  return _matmul(inputs, kernel, num_contracted)
+
+
+def _matmul(inputs, kernel, num_contracted):
+  contract_inputs = tuple(range(inputs.ndim - num_contracted, inputs.ndim))
+  dimension_numbers = ((contract_inputs, tuple(range(num_contracted))), ((), ()))
+  return lax.dot_general(inputs, kernel, dimension_numbers, preferred_element_type=jnp.float32)
+
+
+def _layer_matmul_fwd(inputs, kernel, num_contracted):
+  return _matmul(inputs, kernel, num_contracted), (inputs, kernel)
+
+
+def _layer_matmul_bwd(num_contracted, residuals, grad):
+  inputs, kernel = residuals
+  grad = grad.astype(inputs.dtype)
+  num_batch = inputs.ndim - num_contracted  # the inputs' free (leading) axes
+  # d inputs[b..., c...] = sum_f grad[b..., f...] kernel[c..., f...]
+  grad_inputs = lax.dot_general(
+      grad, kernel, ((tuple(range(num_batch, grad.ndim)), tuple(range(num_contracted, kernel.ndim))), ((), ())),
+      preferred_element_type=jnp.float32)
+  # d kernel[c..., f...] = sum_b inputs[b..., c...] grad[b..., f...]. Contracting the long leading axes in place
+  # runs at half speed on XLA:CPU; a materialised transpose of the (smaller) inputs makes it a plain matmul.
+  inputs_t = lax.optimization_barrier(jnp.moveaxis(inputs, tuple(range(num_batch)), tuple(range(-num_batch, 0))))
+  grad_kernel = lax.dot_general(
+      inputs_t, grad, ((tuple(range(num_contracted, inputs.ndim)), tuple(range(num_batch))), ((), ())),
+      preferred_element_type=jnp.float32)
+  return grad_inputs.astype(inputs.dtype), grad_kernel.astype(kernel.dtype)
+
+
+_layer_matmul.defvjp(_layer_matmul_fwd, _layer_matmul_bwd)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+  """`lax.dot_general` for flax's Dense/DenseGeneral (`dot_general=` argument), float32-accumulating."""
+  del preferred_element_type  # always float32
+  (contract_lhs, contract_rhs), (batch_lhs, batch_rhs) = dimension_numbers
+  n = len(contract_lhs)
+  is_layer_matmul = (not batch_lhs and not batch_rhs and precision is None and not kwargs
+                     and tuple(contract_lhs) == tuple(range(lhs.ndim - n, lhs.ndim))
+                     and tuple(contract_rhs) == tuple(range(n)))
+  if is_layer_matmul:
+    return _layer_matmul(lhs, rhs, n)
+  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32,
+                         **kwargs)
+
+
+def _einsum(spec, a, b):
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+# Attention's two batched matmuls, with the same gradient rule. The operand order of each gradient einsum is chosen
+# so that XLA:CPU can run it with bf16 operands and float32 results (it cannot for every layout).
+
+
+@jax.custom_vjp
+def attention_logits(query, key):
+  """logits[b, h, q, k] = sum_d query[b, q, h, d] key[b, k, h, d], float32."""
+  return _einsum("bqhd,bkhd->bhqk", query, key)
+
+
+def _attention_logits_fwd(query, key):
+  return attention_logits(query, key), (query, key)
+
+
+def _attention_logits_bwd(residuals, grad):
+  query, key = residuals
+  grad = grad.astype(query.dtype)
+  return (_einsum("bhqk,bkhd->bqhd", grad, key).astype(query.dtype),
+          _einsum("bhqk,bqhd->bkhd", grad, query).astype(key.dtype))
+
+
+attention_logits.defvjp(_attention_logits_fwd, _attention_logits_bwd)
+
+
+@jax.custom_vjp
+def attention_mix(weights, value):
+  """out[b, q, h, d] = sum_k weights[b, h, q, k] value[b, k, h, d], float32."""
+  return _einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def _attention_mix_fwd(weights, value):
+  return attention_mix(weights, value), (weights, value)
+
+
+def _attention_mix_bwd(residuals, grad):
+  weights, value = residuals
+  grad = grad.astype(value.dtype)
+  return (_einsum("bqhd,bkhd->bhqk", grad, value).astype(weights.dtype),
+          _einsum("bhqk,bqhd->bkhd", weights, grad).astype(value.dtype))
+
+
+attention_mix.defvjp(_attention_mix_fwd, _attention_mix_bwd)

@@ -89,14 +89,13 @@ class MultiHeadDotProductAttention(nn.Module):
 
   def _attend(self, query, key, value, deterministic):
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    logits = precision.attention_logits(query, key)
     weights = jax.nn.softmax(logits, axis=-1)
     # Kept only when the caller asks (`mutable=["intermediates"]`): attention maps for visualisation.
     self.sow("intermediates", "attention_weights", weights)
     if self.dropout_rate > 0 and not deterministic:
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value,
-                      preferred_element_type=jnp.float32).astype(self.dtype)
+    return precision.attention_mix(weights.astype(self.dtype), value).astype(self.dtype)
 
 
 class Encoder1DBlock(nn.Module):
@@ -203,7 +202,8 @@ class VisionTransformer(nn.Module):
       x = resnet.resnet_stem(x, num_layers=tuple(self.resnet["num_layers"]),
                              width_factor=self.resnet["width_factor"], dtype=dtype)
     patch = tuple(self.patches["size"])
-    x = nn.Conv(self.hidden_size, patch, strides=patch, padding="VALID", dtype=dtype, conv_general_dilated=precision.conv_general_dilated,
+    x = nn.Conv(self.hidden_size, patch, strides=patch, padding="VALID", dtype=dtype,
+                conv_general_dilated=precision.conv_general_dilated,
                 name="embedding")(x)
 
     if self.transformer is not None:

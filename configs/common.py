@@ -6,6 +6,8 @@ Not a runnable experiment itself; the other files call `common.get_config()` and
 import ml_collections
 from ml_collections import config_dict
 
+from vit_jax import fewshot
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -63,4 +65,8 @@ def get_config():
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
   config.peak_flops = config_dict.placeholder(float)  # FLOP/s ceiling for MFU; None measures a matmul at start
+
+  # Few-shot linear probes on frozen features during training (vit_jax.fewshot); every=0 is off. Unset fields
+  # take the run's dataset and preprocessing, e.g. --config.fewshot.every=1000 --config.fewshot.dataset=cifar100.
+  config.fewshot = fewshot.default_config()
   return config

@@ -62,3 +62,13 @@ def test_batch_checks():
     sharding.check_batch_size("batch", 24, mesh, accum_steps=2)
   with pytest.raises(UserError, match="not divisible by accum_steps=3"):
     sharding.check_batch_size("batch", 16, mesh, accum_steps=3)
+
+
+def test_rules_on_scanned_parameters_skip_the_layer_axis():
+  model = models.get_model("ViT-Ti_16", num_classes=10, scan_layers=True)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))["params"]
+  specs = jax.tree.map(lambda s: s.spec, sharding.tree_shardings(shapes, _mesh(2, 2, 2)))
+  block = specs["Transformer"]["encoderblock"]
+  assert block["MlpBlock_3"]["Dense_0"]["kernel"] == P(None, "fsdp", "tensor")  # (layers, hidden, mlp)
+  assert block["MlpBlock_3"]["Dense_1"]["kernel"] == P(None, "tensor", "fsdp")
+  assert block["MultiHeadDotProductAttention_1"]["out"]["kernel"] == P(None, None, None, "fsdp")  # 3 heads

@@ -129,7 +129,9 @@ def test_accumulation_equals_the_large_batch():
 def finished_run(tmp_path_factory):
   """A complete 6-step run, shared: its workdir is checked here and its model.npz is fine-tuned below."""
   workdir = str(tmp_path_factory.mktemp("finished") / "run")
-  result = train.train_and_evaluate(tiny_config(), workdir)
+  config = tiny_config()
+  config.fewshot.update(every=3, shots=(2,), seeds=1)
+  result = train.train_and_evaluate(config, workdir)
   return workdir, result
 
 
@@ -137,6 +139,8 @@ def test_train_and_evaluate_writes_the_workdir_contract(finished_run):
   workdir, result = finished_run
   records = read_metrics(workdir)
   assert [r["step"] for r in records] == [2, 3, 4, 6]
+  assert [r["step"] for r in records if "fewshot_2shot_accuracy" in r] == [3, 6]
+  assert os.path.getsize(os.path.join(workdir, "curves.png")) > 10_000
   for record in records:
     if "train_loss" in record:
       assert {"train_loss", "train_accuracy", "learning_rate", "grad_norm", "img_per_sec", "mfu"} <= set(record)

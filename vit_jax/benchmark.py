@@ -3,9 +3,9 @@
   python -m vit_jax.benchmark --model_name=ViT-B_16 --image_size=224 --batch=256 --mode=train --dtype=bfloat16
 
 Prints one JSON line: compile time, median step time over `--steps` after `--warmup`, img/s, achieved FLOP/s,
-MFU against a ceiling measured in the same run (a large matmul in the same dtype with float32 accumulation on the
-same devices, the way the model computes), peak device memory from XLA's memory analysis, and the analytic FLOP
-count next to XLA's own cost analysis. `--peer_python=.peer/bin/python` also runs the timm peer
+MFU against a ceiling measured in the same run (`flops.peak_flops`: a large matmul in the same dtype with float32
+accumulation, the way the model computes, times the devices), peak device memory from XLA's memory analysis, and
+the analytic FLOP count next to XLA's own cost analysis. `--peer_python=.peer/bin/python` also runs the timm peer
 (../shared/peer/timm_bench.py) on the same shape right after, for a side-by-side ratio.
 """
 import json
@@ -61,23 +61,6 @@ def model_overrides(args):
   if args.patch:
     overrides["patches"] = dict(size=(args.patch, args.patch))
   return overrides
-
-
-def matmul_peak_flops(dtype, devices, size):
-  """FLOP/s of `size`^3 matmuls in `dtype` (float32 accumulation), one per device in parallel."""
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
-  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
-  a = jax.device_put(jnp.ones((len(devices), size, size), dtype), spec)
-  matmul = jax.jit(lambda x: jnp.einsum("dij,djk->dik", x, x, preferred_element_type=jnp.float32))
-  matmul(a).block_until_ready()
-  times = []
-  for _ in range(5):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  # Emulated CPU devices share the host's cores: the host is one ceiling, whatever the device count.
-  parallel = 1 if devices[0].platform == "cpu" else len(devices)
-  return 2 * size**3 * parallel / min(times)
 
 
 def time_steps(run, warmup, steps):
@@ -149,8 +132,7 @@ def benchmark(args):
   compile_s = time.perf_counter() - start
   xla_flops, peak_bytes = compiled_stats(compiled)
   step_s = time_steps(run, args.warmup, args.steps)
-  peak = matmul_peak_flops(train.DTYPES[args.dtype], mesh.devices.flatten().tolist(),
-                           4096 if jax.devices()[0].platform != "cpu" else 2048)
+  peak = flops.peak_flops(train.DTYPES[args.dtype], mesh.size)
   achieved = flops_per_image * args.batch / step_s
   result = {
       "model": args.model_name, "mode": args.mode, "dtype": args.dtype, "image_size": args.image_size,

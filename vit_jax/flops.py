@@ -25,25 +25,28 @@ def train_flops_per_image(model_config, image_size, num_classes) -> float:
   return 3.0 * forward
 
 
-def measure_peak_flops(dtype, size=1024, repeats=5) -> float:
-  """FLOP/s of one device on a square matmul in `dtype`: a cheap, measured ceiling (a fraction of a second)."""
-  device = jax.devices()[0]
+def measure_matmul_flops(dtype, size=None) -> float:
+  """FLOP/s of one local device on a square matmul with `dtype` operands and float32 accumulation, the way the
+  model computes (bf16 x bf16 -> bf16 would understate a bf16 model's ceiling on CPU)."""
+  device = jax.local_devices()[0]
+  size = size or (2048 if device.platform == "cpu" else 8192)
   a = jax.device_put(jnp.ones((size, size), dtype), device)
-  matmul = jax.jit(lambda x: x @ x)
+  matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
   matmul(a).block_until_ready()
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = matmul(a)
-  out.block_until_ready()
-  return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / min(times)
 
 
-def peak_flops(dtype) -> float:
-  """Ceiling of the whole job: one device's measured matmul rate times the devices that compute in parallel.
+def peak_flops(dtype, num_devices=None) -> float:
+  """Ceiling of a job on `num_devices` (default: all): one device's measured matmul rate times the devices.
 
-  Emulated CPU devices share the host's cores, so there the ceiling of one device is the host's.
+  Emulated CPU devices share their host's cores, so there the ceiling is one host's rate per process.
   """
-  per_device = measure_peak_flops(dtype)
+  per_device = measure_matmul_flops(dtype)
   if jax.devices()[0].platform == "cpu":
     return per_device * jax.process_count()
-  return per_device * jax.device_count()
+  return per_device * (num_devices or jax.device_count())

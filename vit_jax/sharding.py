@@ -35,6 +35,9 @@ PARAM_RULES = (
 )
 
 
+_SCANNED_BLOCK = re.compile(r"(^|/)encoderblock/")
+
+
 def make_mesh(mesh_config, devices: Sequence[jax.Device] = None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one size may be -1 to take the devices the others leave."""
   devices = list(jax.devices() if devices is None else devices)
@@ -107,6 +110,8 @@ def _fit(spec: P, shape, mesh: Mesh) -> P:
 def partition_spec(path: str, shape, mesh: Mesh, rules=PARAM_RULES) -> P:
   for pattern, spec in rules:
     if re.fullmatch(pattern, path):
+      if _SCANNED_BLOCK.search(path) and len(shape) == len(spec) + 1:
+        spec = P(None, *spec)  # `scan_layers` stacks the blocks' parameters along a leading layer axis
       return _fit(spec, shape, mesh)
   return P()
 

@@ -24,7 +24,7 @@ from clu import parameter_overview
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vit_jax import checkpoint, data, flops, models, optim, sharding
+from vit_jax import checkpoint, data, fewshot, flops, models, optim, sharding, visualize
 from vit_jax.errors import UserError
 from vit_jax.metrics_writer import MetricsWriter
 
@@ -33,10 +33,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.npz"
-# Keys that only change how a run is observed or laid out, not what it computes: they may differ on resume.
+# Keys (or whole sections) that only change how a run is observed or laid out, not what it computes: they may
+# differ on resume. The data order does not depend on the mesh or the workers, so those may change too.
 RESUMABLE_KEYS = ("eval_every", "checkpoint_every", "progress_every", "keep_checkpoints", "num_workers",
-                  "read_threads", "prefetch", "batch_eval", "tfds_data_dir", "peak_flops", "mesh.data", "mesh.fsdp",
-                  "mesh.tensor")
+                  "read_threads", "prefetch", "batch_eval", "tfds_data_dir", "peak_flops", "mesh", "fewshot")
 
 
 @flax.struct.dataclass
@@ -241,7 +241,7 @@ def write_config(config, workdir, resuming):
     with open(path, encoding="utf-8") as f:
       old_flat, new_flat = _flat(json.load(f)), _flat(new)
     differ = sorted(k for k in set(old_flat) | set(new_flat)
-                    if k not in RESUMABLE_KEYS and old_flat.get(k) != new_flat.get(k))
+                    if k.split(".")[0] not in RESUMABLE_KEYS and old_flat.get(k) != new_flat.get(k))
     if differ:
       changes = ", ".join(f"{k} (was {old_flat.get(k)!r}, now {new_flat.get(k)!r})" for k in differ[:8])
       raise UserError(f"workdir {workdir} holds a run with a different config: {changes}; resume it with the same "
@@ -370,6 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   eval_step = make_eval_step(model, config, mesh, state_shardings.params)
   flops_per_image = lambda crop: flops.train_flops_per_image(model_config, crop, info.num_classes)
   peak = config.peak_flops or flops.peak_flops(DTYPES[config.dtype])
+  fewshot_evaluator = fewshot.FewShotEvaluator(config) if config.get("fewshot") and config.fewshot.every else None
   step = int(state.step)
   eval_metrics = {}
   try:
@@ -392,22 +393,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         if log or save or preemption.requested:
           pending = [{k: float(v) for k, v in record.items()} for record in jax.device_get(pending)]
           _check_finite(pending, step - len(pending) + 1, manager, workdir)
+        periodic = {}  # evaluations due at this step
+        if _due(step, config.eval_every) or final:
+          eval_metrics = evaluate(eval_step, state.params, with_crop(config, crop), mesh)
+          periodic.update(eval_metrics)
+        if fewshot_evaluator and (_due(step, config.fewshot.every) or final):
+          periodic.update(fewshot_evaluator(state.params, model))
         if log:
           now = time.perf_counter()
           record = _train_record(pending, step - last_step, now - last_time, config,
                                  config.batch * flops_per_image(crop), peak)
           pending = []
-          if _due(step, config.eval_every) or final:
-            eval_metrics = evaluate(eval_step, state.params, with_crop(config, crop), mesh)
-            record.update(eval_metrics)
+          record.update(periodic)
           writer.write(step, record)
           bar.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "img_per_sec", "test_accuracy")
                            if k in record})
           logging.info("step %d: %s", step, record)
           last_time, last_step = time.perf_counter(), step
-        elif _due(step, config.eval_every):
-          eval_metrics = evaluate(eval_step, state.params, with_crop(config, crop), mesh)
-          writer.write(step, eval_metrics)
+        elif periodic:
+          writer.write(step, periodic)
         if save or preemption.requested:
           _save(manager, step, state, train_iter, pending)
   finally:  # also on errors: in-flight checkpoints complete, files close
@@ -425,5 +429,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   params = multihost_utils.process_allgather(state.params, tiled=True)
   if jax.process_index() == 0:
     checkpoint.save(params, model_path)
+    try:
+      visualize.plot_training_curves(workdir)
+    except UserError as e:  # matplotlib is an optional extra
+      logging.warning("No training curves: %s", e)
   logging.info("Done at step %d: %s", step, eval_metrics)
   return eval_metrics

@@ -19,7 +19,6 @@ def get_config(arg=None):
   config = common.get_config()
   config.model_name = "ViT-B_16"
   config.model = {"transformer": {"dropout_rate": 0.1}}
-  config.dtype = "bfloat16"
   config.dataset = "imagenet2012"
   config.pp.train = "train[:99%]"
   config.pp.test = "validation"

@@ -36,6 +36,7 @@ def tiny_config(**overrides):
   config.eval_every = 3
   config.checkpoint_every = 3
   config.peak_flops = 1e12  # skip the matmul measurement
+  config.dtype = "float32"  # layouts and accumulation are compared to float32 tolerance
   config.update(overrides)
   return config
 

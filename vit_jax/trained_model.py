@@ -29,7 +29,6 @@ from vit_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.npz"
-POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
 _QUERY_KERNEL = re.compile(r"^Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_1/query/kernel$")
 _RESNET_UNIT = re.compile(r"^block(\d+)/unit(\d+)/conv1/kernel$")
 
@@ -100,14 +99,9 @@ def _expected_shapes(model, image_size):
 
 def check_params_match(params, model, image_size, what):
   """UserError naming the first difference when `params` are not `model`'s (position-embedding length aside)."""
-  got, want = flat_shapes(params), _expected_shapes(model, image_size)
-  differences = []
-  for key in sorted(set(got) | set(want)):
-    g, w = got.get(key), want.get(key)
-    if key == POSEMB_KEY and g and w and g[-1] == w[-1]:
-      continue
-    if g != w:
-      differences.append(f"{key} is {g or 'missing'} in the checkpoint but {w or 'missing'} in the model")
+  expected = _expected_shapes(model, image_size)
+  differences = [f"{key} is {g or 'missing'} in the checkpoint but {w or 'missing'} in the model"
+                 for key, g, w in checkpoint.shape_differences(flat_shapes(params), expected)]
   if differences:
     raise UserError(f"checkpoint does not match {what}: {len(differences)} difference(s), first: "
                     f"{differences[0]}; pass the --model_name the checkpoint was trained with (or its workdir)")
@@ -115,7 +109,7 @@ def check_params_match(params, model, image_size, what):
 
 def posemb_image_size(params, model_config):
   """The (square) image size the checkpoint's position embeddings were trained at."""
-  tokens = flat_shapes(params)[POSEMB_KEY][1]
+  tokens = flat_shapes(params)[checkpoint.POSEMB_KEY][1]
   grid = tokens - int(model_config.get("classifier", "token") in ("token", "token_unpooled"))
   side = int(round(np.sqrt(grid)))
   if side * side != grid:

@@ -212,9 +212,6 @@ def _tfds_source(name: str, split: str, data_dir, image_key="image", label_key="
     if key not in features:
       raise UserError(f"TFDS dataset {name!r} has no feature {key!r} (it has {sorted(features.keys())}); "
                       "image classification needs an image and a class label")
-  if not builder.is_prepared():
-    raise UserError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir_root}; prepare it once "
-                    f"with: {prepare_command(name, data_dir)}")
   # download=False: never enter TFDS's download (and its retry loop) at train time; preparing is explicit.
   # SkipDecoding: we get the encoded bytes and decode them with PIL in the workers (no TensorFlow needed).
   try:
@@ -224,7 +221,11 @@ def _tfds_source(name: str, split: str, data_dir, image_key="image", label_key="
     if "split" in str(e).lower():
       raise UserError(f"bad split {split!r} for TFDS dataset {name!r}: {e}") from None
     raise
-  except (NotImplementedError, AssertionError, FileNotFoundError) as e:
+  except (NotImplementedError, AssertionError, FileNotFoundError, KeyError) as e:
+    # KeyError: TFDS found a dataset folder without generated splits.
+    if not builder.is_prepared():
+      raise UserError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir_root}; prepare it once "
+                      f"with: {prepare_command(name, data_dir)}") from None
     raise UserError(f"TFDS dataset {name!r} in {builder.data_dir} cannot be read with random access "
                     f"({e}); re-prepare it in ArrayRecord format: {prepare_command(name, data_dir)}") from None
   label = features[label_key]

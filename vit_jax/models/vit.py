@@ -221,7 +221,8 @@ class VisionTransformer(nn.Module):
       x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
 
     if self.representation_size is not None:
-      x = nn.tanh(nn.Dense(self.representation_size, dtype=dtype, dot_general=precision.dot_general, name="pre_logits")(x))
+      x = nn.Dense(self.representation_size, dtype=dtype, dot_general=precision.dot_general, name="pre_logits")(x)
+      x = nn.tanh(x)
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=dtype, dot_general=precision.dot_general, kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.constant(self.head_bias_init), name="head")(x)

@@ -21,7 +21,8 @@ def test_benchmark_reports_one_json_line(mode, extra):
   assert result.returncode == 0, result.stderr
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["mode"] == mode and report["devices"] == 2
-  assert report["step_ms"] > 0 and report["img_per_sec"] == pytest.approx(4 / report["step_ms"] * 1e3, rel=0.01)
+  # step_ms is rounded to 0.01 ms: a sub-millisecond step leaves a few percent of rounding in the ratio.
+  assert report["step_ms"] > 0 and report["img_per_sec"] == pytest.approx(4 / report["step_ms"] * 1e3, rel=0.05)
   assert 0 < report["mfu"] == pytest.approx(report["tflops_per_sec"] / report["peak_tflops_per_sec"], rel=0.05)
   # The analytic count and XLA's agree for a plain ViT (XLA also counts softmax, norms and the optimizer).
   assert report["xla_gflops_per_step"] == pytest.approx(report["model_gflops_per_step"], rel=0.3)
@@ -33,3 +34,10 @@ def test_benchmark_bad_input_is_one_error_line():
   result = run_benchmark("--batch=3", "--mesh.data=2")
   assert result.returncode == 2
   assert result.stderr.startswith("error: batch=3 is not divisible") and len(result.stderr.splitlines()) == 1
+
+
+def test_peer_arguments_are_checked_before_the_benchmark_runs():
+  result = run_benchmark("--peer_python=/nonexistent/python", "--num_classes=1000")
+  assert result.returncode == 2
+  assert "--num_classes=10" in result.stderr or "peer script not found" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1

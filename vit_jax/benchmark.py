@@ -94,6 +94,7 @@ def _significant(x, digits=4):
 
 
 def benchmark(args):
+  peer = peer_command(args) if args.peer_python else None  # checked before the long part
   config = step_config(args)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size("batch", args.batch, mesh)
@@ -156,27 +157,33 @@ def benchmark(args):
       "tflops_per_sec": _significant(achieved / 1e12), "peak_tflops_per_sec": _significant(peak / 1e12),
       "mfu": _significant(achieved / peak),
   })
-  if args.peer_python:
-    result["peer"] = run_peer(args)
+  if peer:
+    result["peer"] = run_peer(*peer)
     result["speedup_vs_peer"] = round(result["img_per_sec"] / result["peer"]["img_per_sec"], 2)
   return result
 
 
-def run_peer(args):
-  """The timm peer's JSON line on the same shape (its own venv; torch is never a dependency of ours)."""
+def peer_command(args):
+  """The command that runs the timm peer on the benchmark's shape (its own venv; torch is never our dependency)."""
   here = os.path.dirname(os.path.abspath(__file__))
   peer_dir = os.path.normpath(os.path.join(here, "..", "..", "shared", "peer"))
   if not os.path.exists(os.path.join(peer_dir, "timm_bench.py")):
     raise UserError(f"timm peer script not found in {peer_dir}; run from the project checkout beside shared/")
   timm_names = {"ViT-Ti_16": "vit_tiny_patch16_224", "ViT-S_16": "vit_small_patch16_224",
                 "ViT-B_16": "vit_base_patch16_224", "ViT-L_16": "vit_large_patch16_224"}
+  if args.num_classes != 10:  # timm_bench.py's head
+    raise UserError(f"the timm peer script trains 10 classes; pass --num_classes=10 (not {args.num_classes})")
   if args.model_name not in timm_names:
     raise UserError(f"no timm twin for {args.model_name}; use one of {', '.join(timm_names)} with --peer_python")
   command = [args.peer_python, os.path.join(peer_dir, "timm_bench.py"), "--mode", args.mode, "--dtype",
              {"float32": "f32", "bfloat16": "bf16"}[args.dtype], "--batch", str(args.batch), "--image_size",
              str(args.image_size), "--patch", str(args.patch or 16), "--name", timm_names[args.model_name],
              "--steps", str(args.steps), "--warmup", str(args.warmup)]
-  env = dict(os.environ, PYTHONPATH=os.path.join(peer_dir, "tv_stub"))
+  return command, dict(os.environ, PYTHONPATH=os.path.join(peer_dir, "tv_stub"))
+
+
+def run_peer(command, env):
+  """The timm peer's JSON line."""
   result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
   if result.returncode:
     raise UserError(f"the timm peer failed ({' '.join(command)}): {result.stderr.strip().splitlines()[-1:]}")

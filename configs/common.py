@@ -14,9 +14,14 @@ def get_config():
   config.trainer = "train"  # what vit_jax.main runs
 
   # Model: a registry name (`python -c "import vit_jax.models as m; print(m.model_names())"`), plus overrides of
-  # its fields, e.g. config.model = {"hidden_size": 64, "transformer": {"num_layers": 4}}.
+  # its fields, e.g. config.model.update(hidden_size=64, transformer={"num_layers": 4}). The speed options are
+  # always there, so `--config.model.remat=full` works with every config (docs/benchmarks.md).
   config.model_name = "ViT-B_16"
-  config.model = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict({
+      "remat": "none",  # none | full | save_dots: recompute activations in the backward pass to save memory
+      "scan_layers": False,  # one scanned encoder block: compile time independent of depth
+      "fused_attention": False,  # jax.nn.dot_product_attention (cuDNN flash attention on GPU)
+  })
   config.pretrained_path = config_dict.placeholder(str)  # zoo .npz to fine-tune from; None trains from scratch
   # Compute dtype: bfloat16 (default) or float32; parameters and optimizer state stay float32. bfloat16 is the
   # fastest correct setting on GPU/TPU and on CPUs with bf16 units (docs/benchmarks.md: 1.5x float32 training).

@@ -18,7 +18,7 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 def get_config(arg=None):
   config = common.get_config()
   config.model_name = "ViT-B_16"
-  config.model = {"transformer": {"dropout_rate": 0.1}}
+  config.model.update({"transformer": {"dropout_rate": 0.1}})
   config.dataset = "imagenet2012"
   config.pp.train = "train[:99%]"
   config.pp.test = "validation"

@@ -20,8 +20,8 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 def get_config():
   config = common.get_config()
   config.model_name = "testing"
-  config.model = {"hidden_size": 64, "patches": {"size": (4, 4)},
-                  "transformer": {"num_layers": 4, "mlp_dim": 128, "num_heads": 4, "dropout_rate": 0.0}}
+  config.model.update({"hidden_size": 64, "patches": {"size": (4, 4)},
+                       "transformer": {"num_layers": 4, "mlp_dim": 128, "num_heads": 4, "dropout_rate": 0.0}})
   config.dataset = "digits"
   config.pp.crop = 16
   config.pp.augment = "affine"

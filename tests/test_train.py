@@ -210,3 +210,14 @@ def test_progressive_resizing_resamples_position_embeddings(tmp_path):
   losses = lambda records: [(r["step"], r["train_loss"], r["learning_rate"]) for r in records]
   assert losses(read_metrics(workdir)) == losses(uninterrupted)
 
+
+
+def test_scanned_rematerialised_model_trains_and_exports_the_zoo_layout(tmp_path):
+  config = tiny_config(total_steps=2, eval_every=0, checkpoint_every=0, progress_every=1, mesh={"data": 4, "fsdp": 2,
+                                                                                                 "tensor": 1})
+  config.model.update({"scan_layers": True, "remat": "full", "transformer": {"num_layers": 2}})
+  workdir = str(tmp_path / "run")
+  result = train.train_and_evaluate(config, workdir)
+  assert 0 <= result["test_accuracy"] <= 1
+  params = checkpoint.load(os.path.join(workdir, "model.npz"))
+  assert {"encoderblock_0", "encoderblock_1"} <= set(params["Transformer"])

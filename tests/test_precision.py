@@ -24,8 +24,11 @@ def check_gradients(ours, reference, *args):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+# Both ways of computing the kernel gradient: the inputs transposed (features >= inputs per example) or the
+# incoming gradient transposed (fewer features, e.g. the MLP's second layer), with one or two axes of each kind.
 @pytest.mark.parametrize("inputs,kernel,contracted", [((4, 5, 6), (6, 7), 1), ((4, 5, 6), (6, 3, 2), 1),
-                                                      ((4, 5, 3, 2), (3, 2, 6), 2)])
+                                                      ((4, 5, 3, 2), (3, 2, 6), 2), ((4, 5, 8), (8, 3), 1),
+                                                      ((4, 5, 12), (12, 2, 3), 1), ((4, 5, 3, 4), (3, 4, 5), 2)])
 def test_layer_matmul_gradient_equals_autodiff(inputs, kernel, contracted):
   contract = tuple(range(len(inputs) - contracted, len(inputs)))
   dimension_numbers = ((contract, tuple(range(contracted))), ((), ()))
@@ -40,14 +43,15 @@ def test_attention_matmul_gradients_equal_autodiff():
   check_gradients(precision.attention_mix, lambda w, v: jnp.einsum("bhqk,bkhd->bqhd", w, v), weights, value)
 
 
-def test_bfloat16_operands_give_float32_results_and_close_gradients():
-  x, w = normal(64, 32), normal(32, 16)
+@pytest.mark.parametrize("features", [16, 48])  # fewer and more features than inputs: both gradient layouts
+def test_bfloat16_operands_give_float32_results_and_close_gradients(features):
+  x, w = normal(64, 32), normal(32, features)
   dimension_numbers = (((1,), (0,)), ((), ()))
   f = lambda x, w: jnp.sum(jnp.tanh(precision.dot_general(x, w, dimension_numbers)))
   assert precision.dot_general(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), dimension_numbers).dtype == \
       jnp.float32
   g32 = jax.grad(f, (0, 1))(x, w)
-  g16 = jax.grad(f, (0, 1))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  g16 = jax.jit(jax.grad(f, (0, 1)))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))  # compiled, as in training
   for a, b in zip(g16, g32):
     assert a.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.05, atol=0.03 * np.abs(b).max())

@@ -39,12 +39,21 @@ def _layer_matmul_bwd(num_contracted, residuals, grad):
   grad_inputs = lax.dot_general(
       grad, kernel, ((tuple(range(num_batch, grad.ndim)), tuple(range(num_contracted, kernel.ndim))), ((), ())),
       preferred_element_type=jnp.float32)
-  # d kernel[c..., f...] = sum_b inputs[b..., c...] grad[b..., f...]. Contracting the long leading axes in place
-  # runs at half speed on XLA:CPU; a materialised transpose of the (smaller) inputs makes it a plain matmul.
-  inputs_t = lax.optimization_barrier(jnp.moveaxis(inputs, tuple(range(num_batch)), tuple(range(-num_batch, 0))))
-  grad_kernel = lax.dot_general(
-      inputs_t, grad, ((tuple(range(num_contracted, inputs.ndim)), tuple(range(num_batch))), ((), ())),
-      preferred_element_type=jnp.float32)
+  # d kernel[c..., f...] = sum_b inputs[b..., c...] grad[b..., f...]. XLA:CPU runs this at full bf16 rate only
+  # once one operand is transposed to put the long batch axes last, so transpose the smaller of the two (the
+  # copy is memory-bound), and transpose the small result back when it was the gradient. The barriers keep XLA
+  # from folding either transpose back into the matmul (which would then run in float32, or not at all).
+  batch_axes = tuple(range(num_batch))
+  if inputs[0].size <= grad[0].size:  # per-example sizes: the batch axes are the same
+    inputs_t = lax.optimization_barrier(jnp.moveaxis(inputs, batch_axes, tuple(range(-num_batch, 0))))
+    grad_kernel = lax.dot_general(inputs_t, grad, ((tuple(range(num_contracted, inputs.ndim)), batch_axes), ((), ())),
+                                  preferred_element_type=jnp.float32)
+  else:
+    grad_t = lax.optimization_barrier(jnp.moveaxis(grad, batch_axes, tuple(range(-num_batch, 0))))
+    num_features = grad.ndim - num_batch
+    grad_kernel_t = lax.dot_general(grad_t, inputs, ((tuple(range(num_features, grad.ndim)), batch_axes), ((), ())),
+                                    preferred_element_type=jnp.float32)
+    grad_kernel = jnp.moveaxis(lax.optimization_barrier(grad_kernel_t), tuple(range(num_features)), tuple(range(-num_features, 0)))
   return grad_inputs.astype(inputs.dtype), grad_kernel.astype(kernel.dtype)
 
 

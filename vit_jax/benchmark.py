@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax import flops, models, optim, sharding, train
+from vit_jax import cpu_devices, flops, models, optim, sharding, train
 from vit_jax.errors import UserError, run_cli
 
 MODES = ("train", "infer")
@@ -40,6 +40,8 @@ flags.DEFINE_bool("fused_attention", False, "jax.nn.dot_product_attention (cuDNN
 flags.DEFINE_integer("mesh.data", -1, "Mesh size of the data axis (-1: the remaining devices).")
 flags.DEFINE_integer("mesh.fsdp", 1, "Mesh size of the fsdp axis.")
 flags.DEFINE_integer("mesh.tensor", 1, "Mesh size of the tensor axis.")
+flags.DEFINE_integer("cpu_devices", cpu_devices.AUTO, "CPU only: devices the cores are split into (0: auto, as "
+                     "vit_jax.main does).")
 flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_bool("compile_only", False, "Only compile (compile time and memory of deep models); no steps.")
@@ -96,9 +98,11 @@ def _significant(x, digits=4):
 def benchmark(args):
   peer = peer_command(args) if args.peer_python else None  # checked before the long part
   config = step_config(args)
+  model = models.get_model(args.model_name, num_classes=args.num_classes, **model_overrides(args))
+  cpu_devices.configure(args.cpu_devices, num_params=train.count_params(model, args.image_size),
+                        batch_sizes=(args.batch,), mesh_sizes=list(config.mesh.values()))
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size("batch", args.batch, mesh)
-  model = models.get_model(args.model_name, num_classes=args.num_classes, **model_overrides(args))
   model_config = models.get_model_config(args.model_name)
   if args.patch:
     model_config.patches.size = (args.patch, args.patch)

@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vit_jax import distributed, train
+from vit_jax import cpu_devices, distributed, sharding, train
 from vit_jax.errors import UserError, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py[:arg].",
@@ -43,8 +43,8 @@ class _QuietLibraries(std_logging.Filter):
 
 def run(argv):
   # First, before anything touches a device: join the other processes of a multi-process run (no-op otherwise).
-  distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
-                         timeout_s=flags.FLAGS.distributed_timeout_s)
+  multi_process = distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                                         flags.FLAGS.process_id, timeout_s=flags.FLAGS.distributed_timeout_s)
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value")
   if not _WORKDIR.value:
@@ -60,6 +60,10 @@ def run(argv):
     raise UserError(f"unknown trainer {trainer!r}; use one of {', '.join(TRAINERS)}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.info("Config:\n%s", config)
+  if not multi_process:  # still before JAX creates its devices; a multi-process run keeps one CPU device each
+    cpu_devices.configure(config.cpu_devices, num_params=train.count_params(train.create_model(config, 1000), config.pp.crop),
+                          batch_sizes=(config.batch // max(config.accum_steps, 1), config.batch_eval),
+                          mesh_sizes=[config.mesh[axis] for axis in sharding.MESH_AXES])
   TRAINERS[config.trainer](config, _WORKDIR.value)
 
 

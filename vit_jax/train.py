@@ -36,7 +36,8 @@ MODEL_FILE = "model.npz"
 # Keys (or whole sections) that only change how a run is observed or laid out, not what it computes: they may
 # differ on resume. The data order does not depend on the mesh or the workers, so those may change too.
 RESUMABLE_KEYS = ("eval_every", "checkpoint_every", "progress_every", "keep_checkpoints", "num_workers",
-                  "read_threads", "prefetch", "batch_eval", "tfds_data_dir", "peak_flops", "mesh", "fewshot")
+                  "read_threads", "prefetch", "batch_eval", "tfds_data_dir", "peak_flops", "mesh", "cpu_devices",
+                  "fewshot")
 
 
 @flax.struct.dataclass
@@ -158,6 +159,14 @@ def create_model(config, num_classes):
     raise UserError(f"unknown dtype {config.dtype!r}; use one of {', '.join(DTYPES)}")
   return models.get_model(config.model_name, num_classes=num_classes, dtype=DTYPES[config.dtype],
                           **config.model.to_dict())
+
+
+def count_params(model, crop):
+  """Parameters of `model` for images of `crop`, from shapes alone: JAX's devices stay untouched."""
+  height, width = (crop, crop) if np.isscalar(crop) else crop
+  shapes = jax.eval_shape(lambda rng: model.init(rng, jnp.zeros((1, height, width, 3), jnp.float32), train=False),
+                          jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
 
 
 def make_init_fn(model, tx, config):

@@ -8,6 +8,7 @@ own gradient: the cotangent is rounded to the operands' dtype and the two gradie
 as the forward does. With float32 operands everything is the plain float32 computation.
 """
 import functools
+import math
 
 import jax
 from jax import lax
@@ -43,17 +44,18 @@ def _layer_matmul_bwd(num_contracted, residuals, grad):
   # once one operand is transposed to put the long batch axes last, so transpose the smaller of the two (the
   # copy is memory-bound), and transpose the small result back when it was the gradient. The barriers keep XLA
   # from folding either transpose back into the matmul (which would then run in float32, or not at all).
-  batch_axes = tuple(range(num_batch))
-  if inputs[0].size <= grad[0].size:  # per-example sizes: the batch axes are the same
-    inputs_t = lax.optimization_barrier(jnp.moveaxis(inputs, batch_axes, tuple(range(-num_batch, 0))))
+  batch_axes, to_end = tuple(range(num_batch)), tuple(range(-num_batch, 0))
+  num_features = grad.ndim - num_batch
+  if math.prod(inputs.shape[num_batch:]) <= math.prod(grad.shape[num_batch:]):
+    inputs_t = lax.optimization_barrier(jnp.moveaxis(inputs, batch_axes, to_end))
     grad_kernel = lax.dot_general(inputs_t, grad, ((tuple(range(num_contracted, inputs.ndim)), batch_axes), ((), ())),
                                   preferred_element_type=jnp.float32)
   else:
-    grad_t = lax.optimization_barrier(jnp.moveaxis(grad, batch_axes, tuple(range(-num_batch, 0))))
-    num_features = grad.ndim - num_batch
+    grad_t = lax.optimization_barrier(jnp.moveaxis(grad, batch_axes, to_end))
     grad_kernel_t = lax.dot_general(grad_t, inputs, ((tuple(range(num_features, grad.ndim)), batch_axes), ((), ())),
                                     preferred_element_type=jnp.float32)
-    grad_kernel = jnp.moveaxis(lax.optimization_barrier(grad_kernel_t), tuple(range(num_features)), tuple(range(-num_features, 0)))
+    grad_kernel = jnp.moveaxis(lax.optimization_barrier(grad_kernel_t), tuple(range(num_features)),
+                               tuple(range(-num_features, 0)))
   return grad_inputs.astype(inputs.dtype), grad_kernel.astype(kernel.dtype)
 
 

@@ -62,7 +62,7 @@ def test_after_jax_started_the_count_is_left_alone():
   assert got == {"set": None, "devices": 1}
 
 
-def test_main_splits_by_default_and_a_bad_count_is_one_error_line(tmp_path):
+def test_main_and_evaluate_split_by_default_and_a_bad_count_is_one_error_line(tmp_path):
   environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
   base = [sys.executable, "-m", "vit_jax.main", "--config=configs/quickstart.py", "--config.total_steps=1",
           "--config.model.transformer.num_layers=1", "--config.batch=16", "--config.batch_eval=16",
@@ -75,6 +75,14 @@ def test_main_splits_by_default_and_a_bad_count_is_one_error_line(tmp_path):
   assert f"CPU devices: {expected} (auto" in result.stderr
   with open(tmp_path / "run" / "config.json", encoding="utf-8") as f:
     assert json.load(f)["cpu_devices"] == 0
+  # The evaluate CLI splits the same way (its batch is rounded up to the device count, so only memory limits it).
+  result = subprocess.run([sys.executable, "-m", "vit_jax.evaluate", f"--checkpoint={tmp_path / 'run'}"], cwd=ROOT,
+                          env=environ, capture_output=True, text=True, timeout=240, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  expected = cpu_devices.auto_count(cores=cpu_devices.host_cores(), num_params=200_000,
+                                    host_bytes=cpu_devices.host_memory_bytes(), batch_sizes=())
+  assert f"CPU devices: {expected} (auto" in result.stderr
+  assert json.loads(result.stdout)["num_examples"] == 360
   result = subprocess.run(base + [f"--workdir={tmp_path / 'bad'}", "--config.cpu_devices=-2"], cwd=ROOT, env=environ,
                           capture_output=True, text=True, timeout=240, check=False)
   assert result.returncode == 2

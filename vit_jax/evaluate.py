@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import tqdm
 
-from vit_jax import data, sharding, train, trained_model
+from vit_jax import cpu_devices, data, sharding, train, trained_model
 from vit_jax.errors import UserError, run_cli
 
 FLAGS = flags.FLAGS
@@ -34,6 +34,8 @@ def define_flags():
   flags.DEFINE_string("tfds_data_dir", None, "Where prepared TFDS datasets live.")
   flags.DEFINE_bool("strict", False, "Fail on a corrupt image instead of skipping and counting it.")
   flags.DEFINE_string("output", None, "Also write the JSON result to this file.")
+  flags.DEFINE_integer("cpu_devices", cpu_devices.AUTO, "CPU only: devices the cores are split into (0: auto, as "
+                       "vit_jax.main does).")
 
 
 def eval_config(trained, *, dataset=None, split=None, batch_size=256, tfds_data_dir=None, strict=False):
@@ -93,6 +95,9 @@ def main(argv):
     raise UserError("--checkpoint is required: a training workdir or a zoo .npz file")
   trained = trained_model.load(FLAGS.checkpoint, model_name=FLAGS.model_name, image_size=FLAGS.image_size,
                                with_class_names=False)
+  # Loading reads numpy arrays only, so JAX has no devices yet; the eval batch is rounded up to their count.
+  cpu_devices.configure(FLAGS.cpu_devices, batch_sizes=(),
+                        num_params=sum(leaf.size for leaf in jax.tree.leaves(trained.params)))
   config = eval_config(trained, dataset=FLAGS.dataset, split=FLAGS.split, batch_size=FLAGS.batch_size,
                        tfds_data_dir=FLAGS.tfds_data_dir, strict=FLAGS.strict)
   result = evaluate(trained, config, progress=True)

@@ -40,8 +40,7 @@ flags.DEFINE_bool("fused_attention", False, "jax.nn.dot_product_attention (cuDNN
 flags.DEFINE_integer("mesh.data", -1, "Mesh size of the data axis (-1: the remaining devices).")
 flags.DEFINE_integer("mesh.fsdp", 1, "Mesh size of the fsdp axis.")
 flags.DEFINE_integer("mesh.tensor", 1, "Mesh size of the tensor axis.")
-flags.DEFINE_integer("cpu_devices", cpu_devices.AUTO, "CPU only: devices the cores are split into (0: auto, as "
-                     "vit_jax.main does).")
+cpu_devices.define_flag()
 flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_bool("compile_only", False, "Only compile (compile time and memory of deep models); no steps.")

@@ -17,7 +17,7 @@ import os
 from typing import Iterable, Optional
 
 import jax
-from absl import logging
+from absl import flags, logging
 
 from vit_jax.errors import UserError
 
@@ -26,6 +26,12 @@ DEVICES_PER_CORE = 2  # measured best on a 2-core host: 1 -> 61-68 img/s, 2 -> 7
 MAX_AUTO_DEVICES = 8
 STATE_BYTES_PER_PARAM = 16  # float32 parameters and gradients and up to two optimizer moments
 MAX_STATE_FRACTION = 0.25  # of the host's memory, for all copies of the training state together
+
+
+def define_flag():
+  """The `--cpu_devices` flag of the CLIs that split (vit_jax.main has the config key instead)."""
+  flags.DEFINE_integer("cpu_devices", AUTO, "CPU only: devices the cores are split into (0: auto, as vit_jax.main "
+                       "does).")
 
 
 def auto_count(*, cores: int, num_params: int, host_bytes: int, batch_sizes: Iterable[int],

@@ -18,7 +18,7 @@ import ml_collections
 import tqdm
 
 from vit_jax import cpu_devices, data, sharding, train, trained_model
-from vit_jax.errors import UserError, run_cli
+from vit_jax.errors import UserError, run_cli, write_output
 
 FLAGS = flags.FLAGS
 
@@ -34,8 +34,7 @@ def define_flags():
   flags.DEFINE_string("tfds_data_dir", None, "Where prepared TFDS datasets live.")
   flags.DEFINE_bool("strict", False, "Fail on a corrupt image instead of skipping and counting it.")
   flags.DEFINE_string("output", None, "Also write the JSON result to this file.")
-  flags.DEFINE_integer("cpu_devices", cpu_devices.AUTO, "CPU only: devices the cores are split into (0: auto, as "
-                       "vit_jax.main does).")
+  cpu_devices.define_flag()
 
 
 def eval_config(trained, *, dataset=None, split=None, batch_size=256, tfds_data_dir=None, strict=False):
@@ -104,11 +103,7 @@ def main(argv):
   text = json.dumps(result, indent=2)
   print(text)
   if FLAGS.output:
-    try:
-      with open(FLAGS.output, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    except OSError as e:
-      raise UserError(f"cannot write --output={FLAGS.output}: {e.strerror}") from None
+    write_output(FLAGS.output, text + "\n")
 
 
 if __name__ == "__main__":

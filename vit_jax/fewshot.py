@@ -25,7 +25,7 @@ import numpy as np
 
 from vit_jax import data, trained_model
 from vit_jax.data import preprocess
-from vit_jax.errors import UserError, run_cli
+from vit_jax.errors import UserError, run_cli, write_output
 
 FLAGS = flags.FLAGS
 
@@ -216,11 +216,7 @@ def main(argv):
   text = json.dumps(result, indent=2)
   print(text)
   if FLAGS.output:
-    try:
-      with open(FLAGS.output, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    except OSError as e:
-      raise UserError(f"cannot write --output={FLAGS.output}: {e.strerror}") from None
+    write_output(FLAGS.output, text + "\n")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 
 from vit_jax import image_files, trained_model
-from vit_jax.errors import UserError, run_cli
+from vit_jax.errors import UserError, run_cli, write_output
 
 FLAGS = flags.FLAGS
 
@@ -92,12 +92,7 @@ def main(argv):
     best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in prediction["top_k"])
     print(f"{prediction['path']}: {best}")
   if FLAGS.output:
-    try:
-      with open(FLAGS.output, "w", encoding="utf-8") as f:
-        for prediction in predictions:
-          f.write(json.dumps(prediction) + "\n")
-    except OSError as e:
-      raise UserError(f"cannot write --output={FLAGS.output}: {e.strerror}") from None
+    write_output(FLAGS.output, "".join(json.dumps(prediction) + "\n" for prediction in predictions))
   if skipped:
     print(f"skipped {len(skipped)} unreadable image(s):", file=sys.stderr)
     for path, reason in skipped:

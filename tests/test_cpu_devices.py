@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+from PIL import Image
 import pytest
 
 from vit_jax import cpu_devices
@@ -62,7 +64,7 @@ def test_after_jax_started_the_count_is_left_alone():
   assert got == {"set": None, "devices": 1}
 
 
-def test_main_and_evaluate_split_by_default_and_a_bad_count_is_one_error_line(tmp_path):
+def test_main_evaluate_and_infer_split_by_default_and_a_bad_count_is_one_error_line(tmp_path):
   environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
   base = [sys.executable, "-m", "vit_jax.main", "--config=configs/quickstart.py", "--config.total_steps=1",
           "--config.model.transformer.num_layers=1", "--config.batch=16", "--config.batch_eval=16",
@@ -83,6 +85,16 @@ def test_main_and_evaluate_split_by_default_and_a_bad_count_is_one_error_line(tm
                                     host_bytes=cpu_devices.host_memory_bytes(), batch_sizes=())
   assert f"CPU devices: {expected} (auto" in result.stderr
   assert json.loads(result.stdout)["num_examples"] == 360
+  # So does the infer CLI (--batch_size=1 is rounded up to the device count: one batch, padding masked out).
+  for i in range(3):
+    Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"digit{i}.png")
+  result = subprocess.run([sys.executable, "-m", "vit_jax.infer", f"--checkpoint={tmp_path / 'run'}", "--batch_size=1",
+                           *(str(tmp_path / f"digit{i}.png") for i in range(3))], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=240, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"CPU devices: {expected} (auto" in result.stderr
+  assert [line.split(":")[0] for line in result.stdout.splitlines()] == [str(tmp_path / f"digit{i}.png")
+                                                                          for i in range(3)]
   result = subprocess.run(base + [f"--workdir={tmp_path / 'bad'}", "--config.cpu_devices=-2"], cwd=ROOT, env=environ,
                           capture_output=True, text=True, timeout=240, check=False)
   assert result.returncode == 2

@@ -7,7 +7,7 @@ side by side and fill those gaps: ViT-Ti-sized training runs ~1.2x faster with 2
 training state per device, so `auto` splits only while the copies take at most a quarter of the host's memory,
 and only into counts that divide the batch sizes.
 
-`vit_jax.main`, `vit_jax.evaluate` and `vit_jax.benchmark` call `configure` (config key / flag `cpu_devices`). It
+`vit_jax.main`, `vit_jax.evaluate`, `vit_jax.infer` and `vit_jax.benchmark` call `configure` (config key / flag `cpu_devices`). It
 must run before JAX creates its devices (the first JAX computation fixes them). A count set by the user, with
 `JAX_NUM_CPU_DEVICES` or XLA's `--xla_force_host_platform_device_count`, is kept; GPU and TPU runs are unaffected
 (only the CPU platform's device count changes).

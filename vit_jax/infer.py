@@ -10,17 +10,20 @@ parameter shapes). Images of any size and format go through the test preprocessi
 model at another resolution (position embeddings interpolated). A file that cannot be decoded is skipped,
 counted and listed at the end (`--strict` makes it an error). Models trained with `sigmoid_xent` report
 per-class sigmoid probabilities, others a softmax.
+
+Each batch is split over all devices (data parallel; `--batch_size` is rounded up to a multiple of their count),
+and on a CPU host the cores are split into several devices first, as training does (`--cpu_devices`).
 """
 import json
+import math
 import sys
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from vit_jax import image_files, trained_model
+from vit_jax import cpu_devices, image_files, sharding, trained_model
 from vit_jax.errors import UserError, run_cli, write_output
 
 FLAGS = flags.FLAGS
@@ -33,9 +36,10 @@ def define_flags():
   flags.DEFINE_string("labels", None, "Text file with one class name per line (class-index order).")
   flags.DEFINE_integer("image_size", None, "Resolution to run at; default: the checkpoint's.")
   flags.DEFINE_integer("top_k", 5, "How many labels to report per image.")
-  flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+  flags.DEFINE_integer("batch_size", 32, "Images per forward pass (rounded up to a multiple of the device count).")
   flags.DEFINE_string("output", None, "Also write one JSON object per image to this .jsonl file.")
   flags.DEFINE_bool("strict", False, "Fail on the first unreadable image instead of skipping it.")
+  cpu_devices.define_flag()
 
 
 def make_predict_fn(model, sigmoid):
@@ -61,7 +65,10 @@ def predict_files(trained, paths, *, k=5, batch_size=32, strict=False, progress=
     raise UserError(f"--batch_size={batch_size} must be at least 1")
   sigmoid = trained.run_config is not None and trained.run_config.get("loss") == "sigmoid_xent"
   predict = make_predict_fn(trained.model, sigmoid)
-  params = jax.device_put(trained.params)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  params = jax.device_put(trained.params, sharding.tree_shardings(trained.params, mesh))
+  images_sharding = sharding.batch_sharding(mesh)
+  batch_size = math.ceil(batch_size / mesh.size) * mesh.size
   predictions, skipped = [], []
   with tqdm.tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr) as bar:
     for batch_paths, images, batch_skipped in image_files.batches(paths, trained.pp, batch_size):
@@ -73,7 +80,7 @@ def predict_files(trained, paths, *, k=5, batch_size=32, strict=False, progress=
         # Pad the last batch to the full size: one compiled shape for the whole run.
         padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
         padded[:len(images)] = images
-        probabilities = np.asarray(predict(params, jnp.asarray(padded)))[:len(images)]
+        probabilities = np.asarray(predict(params, jax.device_put(padded, images_sharding)))[:len(images)]
         for path, p in zip(batch_paths, probabilities):
           predictions.append({"path": path, "top_k": top_k(p, k, trained.label)})
       bar.update(len(batch_paths) + len(batch_skipped))
@@ -85,6 +92,9 @@ def main(argv):
     raise UserError("--checkpoint is required: a training workdir or a zoo .npz file")
   trained = trained_model.load(FLAGS.checkpoint, model_name=FLAGS.model_name, image_size=FLAGS.image_size,
                                labels_path=FLAGS.labels)
+  # Loading reads numpy arrays only, so JAX has no devices yet; the batch is rounded up to their count.
+  cpu_devices.configure(FLAGS.cpu_devices, batch_sizes=(),
+                        num_params=sum(leaf.size for leaf in jax.tree.leaves(trained.params)))
   paths, any_folder = image_files.expand(argv[1:])
   predictions, skipped = predict_files(trained, paths, k=FLAGS.top_k, batch_size=FLAGS.batch_size,
                                        strict=FLAGS.strict, progress=any_folder or len(paths) > FLAGS.batch_size)

@@ -33,7 +33,7 @@ def test_shellcheck_clean():
   assert result.returncode == 0, result.stdout
 
 
-@pytest.mark.parametrize("script", ["local.sh", "tpu_vm.sh", "slurm_gpu.sbatch", "gke.sh"])
+@pytest.mark.parametrize("script", ["local.sh", "tpu_vm.sh", "slurm_gpu.sbatch", "gke.sh", "gpu_benchmarks.sh"])
 def test_no_arguments_prints_usage_and_exits_2(script):
   result = launch(script)
   assert result.returncode == 2
@@ -48,11 +48,23 @@ def test_no_arguments_prints_usage_and_exits_2(script):
     ("gke.sh", ["--name=a", "--image=i", "--accelerator=tpu-v4-podslice", "--num_hosts=2", "--chips_per_host=4",
                 "--config=c.py", "--workdir=gs://b/r"], "--topology is required"),
     ("local.sh", ["two"], "N must be a positive integer"),
+    ("gpu_benchmarks.sh", ["b32", "out.jsonl"], "unknown SUITE 'b32'"),
 ])
 def test_bad_arguments(script, args, message):
   result = launch(script, *args)
   assert result.returncode == 2
   assert message in result.stderr.splitlines()[0]
+
+
+def test_gpu_benchmarks_dry_run():
+  result = launch("gpu_benchmarks.sh", "large", "/tmp/out.jsonl", "--dry-run", env=dict(os.environ, PYTHON="python3"))
+  assert result.returncode == 0, result.stderr
+  common = "python3 -m vit_jax.benchmark --dtype=bfloat16 --num_classes=1000 --image_size=224 --warmup=3 --steps=10"
+  assert result.stdout.splitlines() == [
+      f"{common} --model_name=ViT-L_16 --mode=train --batch=0 --remat=full --fused_attention",
+      f"{common} --model_name=ViT-H_14 --mode=train --batch=0 --remat=full --scan_layers --fused_attention"]
+  result = launch("gpu_benchmarks.sh", "b16", "/tmp/out.jsonl", "--dry-run")
+  assert len(result.stdout.splitlines()) == 4 and not os.path.exists("/tmp/out.jsonl")
 
 
 def test_local_dry_run():

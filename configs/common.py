@@ -23,9 +23,10 @@ def get_config():
       "fused_attention": False,  # jax.nn.dot_product_attention (cuDNN flash attention on GPU)
   })
   config.pretrained_path = config_dict.placeholder(str)  # zoo .npz to fine-tune from; None trains from scratch
-  # Compute dtype: bfloat16 (default) or float32; parameters and optimizer state stay float32. bfloat16 is the
-  # fastest correct setting on GPU/TPU and on CPUs with bf16 units (docs/benchmarks.md: 1.5x float32 training).
-  config.dtype = "bfloat16"
+  # Compute dtype: auto, bfloat16 or float32; parameters and optimizer state stay float32. auto is bfloat16 on
+  # GPU/TPU and on CPUs with bf16 units (1.5x float32 training there), float32 on other CPUs, which emulate bf16
+  # and run it slower (vit_jax/compute_dtype.py, docs/benchmarks.md).
+  config.dtype = "auto"
 
   # Data (vit_jax.data): a TFDS name, `digits` or an image-folder path.
   config.dataset = "cifar10"

@@ -92,6 +92,7 @@ def test_incompatible_workdir_names_the_keys(uninterrupted):
     (["--config.batchh=64"], 'Did you mean "batch"'),
     (["--config.model_name=ViT-B_61"], "unknown model name 'ViT-B_61'"),
     (["--config.mesh.data=3"], "multiply to 3 but there are 8 devices"),
+    (["--config.dtype=fp16"], "unknown dtype 'fp16'; use one of auto, float32, bfloat16"),
     (["--config.batch=36"], "batch=36 is not divisible by the 8 data-parallel devices"),
     (["--config.pretrained_path=/nonexistent/ViT-B_16.npz"],
      "does not exist; download a zoo file, e.g. `wget https://storage.googleapis.com/vit_models/"),

@@ -81,7 +81,7 @@ def _synthetic_batches(num, batch, crop=16, classes=10):
 
 def _losses(config, mesh, batches):
   tx = optim.make_optimizer(config)
-  model = train.create_model(config, num_classes=10)
+  model = train.create_model(config, num_classes=10, platform=mesh.devices.flat[0].platform)
   init_fn = train.make_init_fn(model, tx, config)
   shardings = sharding.tree_shardings(jax.eval_shape(init_fn, jax.random.PRNGKey(0)), mesh)
   state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.seed))

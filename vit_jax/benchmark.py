@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax import cpu_devices, flops, models, optim, sharding, train
+from vit_jax import compute_dtype, cpu_devices, flops, models, optim, sharding, train
 from vit_jax.errors import UserError, run_cli
 
 MODES = ("train", "infer")
@@ -41,7 +41,8 @@ flags.DEFINE_integer("batch", 64, "Global batch size; 0: the largest that fits i
                      "compiling; see --memory_limit_gib).")
 flags.DEFINE_integer("num_classes", 1000, "Classes of the head.")
 flags.DEFINE_enum("mode", "train", MODES, "Benchmark the train step or inference.")
-flags.DEFINE_enum("dtype", "bfloat16", list(train.DTYPES), "Compute dtype (parameters stay float32).")
+flags.DEFINE_enum("dtype", compute_dtype.AUTO, list(compute_dtype.CHOICES), "Compute dtype (parameters stay "
+                  "float32); auto: bfloat16 on GPU/TPU and CPUs with bf16 units, else float32 (as training does).")
 flags.DEFINE_enum("optimizer", "sgd", list(optim.OPTIMIZERS), "Optimizer of the train step.")
 flags.DEFINE_enum("remat", "none", list(models.REMAT_POLICIES), "Rematerialisation policy per encoder block.")
 flags.DEFINE_bool("scan_layers", False, "Scan over encoder layers (faster compiles of deep models).")
@@ -64,13 +65,12 @@ def step_config(args):
       batch=args.batch, accum_steps=1, loss="softmax_xent", label_smoothing=0.0, optimizer=args.optimizer,
       momentum=0.9, beta2=0.999, momentum_dtype="float32", weight_decay=0.0 if args.optimizer == "sgd" else 0.1,
       grad_norm_clip=1.0, base_lr=1e-3, total_steps=1000, warmup_steps=10, decay_type="cosine",
-      pp=dict(crop=args.image_size), dtype=args.dtype,
+      pp=dict(crop=args.image_size),
       mesh={axis: args[f"mesh.{axis}"].value for axis in sharding.MESH_AXES}))
 
 
 def model_overrides(args):
-  overrides = dict(dtype=train.DTYPES[args.dtype], remat=args.remat, scan_layers=args.scan_layers,
-                   fused_attention=args.fused_attention)
+  overrides = dict(remat=args.remat, scan_layers=args.scan_layers, fused_attention=args.fused_attention)
   if args.patch:
     overrides["patches"] = dict(size=(args.patch, args.patch))
   return overrides
@@ -162,17 +162,20 @@ def largest_batch(peak_bytes, *, step, limit, tolerance=SEARCH_TOLERANCE, max_tr
 
 
 def benchmark(args):
-  peer = peer_command(args) if args.peer_python else None  # checked before the long part
   if args.batch < 0:
     raise UserError(f"--batch={args.batch} must be positive, or 0 for the largest batch that fits")
-  if args.batch == 0 and peer:
+  if args.batch == 0 and args.peer_python:
     raise UserError("--batch=0 and --peer_python together: pass the batch the peer should run with")
   config = step_config(args)
   model = models.get_model(args.model_name, num_classes=args.num_classes, **model_overrides(args))
   cpu_devices.configure(args.cpu_devices, num_params=train.count_params(model, args.image_size),
                         batch_sizes=(args.batch,) if args.batch else (), mesh_sizes=list(config.mesh.values()))
   mesh = sharding.make_mesh(config.mesh)
-  train.warn_if_remat_saves_nothing(args.remat, args.scan_layers, mesh.devices.flat[0].platform)
+  platform = mesh.devices.flat[0].platform
+  dtype_name = compute_dtype.resolve(args.dtype, platform)
+  peer = peer_command(args, dtype_name) if args.peer_python else None  # checked before the long part
+  model = model.clone(dtype=compute_dtype.DTYPES[dtype_name])
+  train.warn_if_remat_saves_nothing(args.remat, args.scan_layers, platform)
   limit = memory_limit_bytes(args.memory_limit_gib) if args.batch == 0 else None
   model_config = models.get_model_config(args.model_name)
   if args.patch:
@@ -227,7 +230,7 @@ def benchmark(args):
     flops_per_image /= 3  # forward only
   xla_flops, peak_bytes = compiled_stats(compiled)
   result = {
-      "model": args.model_name, "mode": args.mode, "dtype": args.dtype, "image_size": args.image_size,
+      "model": args.model_name, "mode": args.mode, "dtype": dtype_name, "image_size": args.image_size,
       "patch": args.patch or model_config.patches.size[0], "batch": batch, "remat": args.remat,
       "scan_layers": args.scan_layers, "fused_attention": args.fused_attention, "mesh": dict(mesh.shape),
       "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
@@ -256,7 +259,7 @@ def benchmark(args):
       compiled(state[0].params, images).block_until_ready()
 
   step_s = time_steps(run, args.warmup, args.steps)
-  peak = flops.peak_flops(train.DTYPES[args.dtype], mesh.size)
+  peak = flops.peak_flops(compute_dtype.DTYPES[dtype_name], mesh.size)
   achieved = flops_per_image * batch / step_s
   result.update({
       "step_ms": round(step_s * 1e3, 2), "img_per_sec": round(batch / step_s, 1),
@@ -269,8 +272,9 @@ def benchmark(args):
   return result
 
 
-def peer_command(args):
-  """The command that runs the timm peer on the benchmark's shape (its own venv; torch is never our dependency)."""
+def peer_command(args, dtype_name):
+  """The command that runs the timm peer on the benchmark's shape and dtype (`dtype_name`: float32 or bfloat16,
+  bf16 autocast for timm), in its own venv: torch is never our dependency."""
   here = os.path.dirname(os.path.abspath(__file__))
   peer_dir = os.path.normpath(os.path.join(here, "..", "..", "shared", "peer"))
   if not os.path.exists(os.path.join(peer_dir, "timm_bench.py")):
@@ -282,7 +286,7 @@ def peer_command(args):
   if args.model_name not in timm_names:
     raise UserError(f"no timm twin for {args.model_name}; use one of {', '.join(timm_names)} with --peer_python")
   command = [args.peer_python, os.path.join(peer_dir, "timm_bench.py"), "--mode", args.mode, "--dtype",
-             {"float32": "f32", "bfloat16": "bf16"}[args.dtype], "--batch", str(args.batch), "--image_size",
+             {"float32": "f32", "bfloat16": "bf16"}[dtype_name], "--batch", str(args.batch), "--image_size",
              str(args.image_size), "--patch", str(args.patch or 16), "--name", timm_names[args.model_name],
              "--steps", str(args.steps), "--warmup", str(args.warmup)]
   return command, dict(os.environ, PYTHONPATH=os.path.join(peer_dir, "tv_stub"))

@@ -61,7 +61,8 @@ def run(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.info("Config:\n%s", config)
   if not multi_process:  # still before JAX creates its devices; a multi-process run keeps one CPU device each
-    num_params = train.count_params(train.create_model(config, num_classes=1000), config.pp.crop)  # head: estimate
+    # Sizes the CPU split only, so the CPU's model; the head is an estimate (the dataset is not read yet).
+    num_params = train.count_params(train.create_model(config, num_classes=1000, platform="cpu"), config.pp.crop)
     cpu_devices.configure(config.cpu_devices, num_params=num_params,
                           batch_sizes=(config.batch // max(config.accum_steps, 1), config.batch_eval),
                           mesh_sizes=[config.mesh[axis] for axis in sharding.MESH_AXES])

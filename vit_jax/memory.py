@@ -230,7 +230,7 @@ def main():
   flags.DEFINE_string("optimizer", "adamw", "adamw or sgd.")
   flags.DEFINE_string("momentum_dtype", "float32", "float32 or bfloat16 (optimizer state).")
   flags.DEFINE_string("remat", "none", "none, save_dots or full.")
-  flags.DEFINE_string("dtype", "bfloat16", "Compute dtype: bfloat16 (the training default) or float32.")
+  flags.DEFINE_string("dtype", "bfloat16", "Compute dtype: bfloat16 (what training picks on GPU/TPU) or float32.")
   flags.DEFINE_integer("num_classes", 1000, "Classes of the head.")
   flags.DEFINE_integer("accum_steps", 1, "Gradient-accumulation micro-batches per step.")
   flags.DEFINE_bool("table", False, "Print the table of docs/scaling.md instead.")

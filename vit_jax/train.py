@@ -24,12 +24,11 @@ from clu import parameter_overview
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vit_jax import checkpoint, data, fewshot, flops, models, optim, sharding, visualize
+from vit_jax import checkpoint, compute_dtype, data, fewshot, flops, models, optim, sharding, visualize
 from vit_jax.errors import UserError
 from vit_jax.metrics_writer import MetricsWriter
 
 LOSSES = ("softmax_xent", "sigmoid_xent")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.npz"
@@ -154,11 +153,10 @@ def model_config_from(config):
   return model_config
 
 
-def create_model(config, num_classes):
-  if config.dtype not in DTYPES:
-    raise UserError(f"unknown dtype {config.dtype!r}; use one of {', '.join(DTYPES)}")
-  return models.get_model(config.model_name, num_classes=num_classes, dtype=DTYPES[config.dtype],
-                          **config.model.to_dict())
+def create_model(config, num_classes, platform):
+  """The model of `config`, computing in `config.dtype` as resolved for `platform` (`compute_dtype.resolve`)."""
+  dtype = compute_dtype.DTYPES[compute_dtype.resolve(config.dtype, platform)]
+  return models.get_model(config.model_name, num_classes=num_classes, dtype=dtype, **config.model.to_dict())
 
 
 def warn_if_remat_saves_nothing(remat, scan_layers, platform):
@@ -339,13 +337,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   model_config = model_config_from(config)
   check_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh, devices)
-  warn_if_remat_saves_nothing(model_config.get("remat", "none"), model_config.get("scan_layers", False),
-                              mesh.devices.flat[0].platform)
+  platform = mesh.devices.flat[0].platform
+  warn_if_remat_saves_nothing(model_config.get("remat", "none"), model_config.get("scan_layers", False), platform)
   sharding.check_batch_size("batch", config.batch, mesh, config.accum_steps)
   sharding.check_batch_size("batch_eval", config.batch_eval, mesh)
   tx = optim.make_optimizer(config)
   info = data.get_dataset_info(config)
-  model = create_model(config, info.num_classes)
+  dtype_name = compute_dtype.resolve(config.dtype, platform)
+  logging.info("Compute dtype: %s (config.dtype=%s on %s).", dtype_name, config.dtype, platform)
+  model = create_model(config, info.num_classes, platform)
   first_crop = crop_at(config, 0)
   init_fn = make_init_fn(model, tx, with_crop(config, first_crop))
   abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
@@ -391,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     train_step = make_train_step(model, tx, config, mesh, state_shardings)
     eval_step = make_eval_step(model, config, mesh, state_shardings.params)
     flops_per_image = lambda crop: flops.train_flops_per_image(model_config, crop, info.num_classes)
-    peak = config.peak_flops or flops.peak_flops(DTYPES[config.dtype])
+    peak = config.peak_flops or flops.peak_flops(compute_dtype.DTYPES[dtype_name])
     fewshot_evaluator = fewshot.FewShotEvaluator(config) if config.get("fewshot") and config.fewshot.every else None
     step = int(state.step)
     eval_metrics = {}

@@ -80,14 +80,22 @@ def _einsum(spec, a, b):
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-# Attention's two batched matmuls, with the same gradient rule. The operand order of each gradient einsum is chosen
-# so that XLA:CPU can run it with bf16 operands and float32 results (it cannot for every layout).
+# Attention's two batched matmuls, over (batch, heads, tokens, head_dim) arrays, with the same gradient rule.
+# XLA:CPU runs a batched bf16 matmul with float32 results only when the contracted axis is the first operand's last
+# (otherwise it fails: "Unsupported element type for DotThunk"), and runs these small matmuls faster in this
+# heads-major layout than with the heads axis between tokens and head_dim (the zoo's projection layout). The
+# gradients that contract the query axis read a transposed copy of their first operand (a barrier keeps XLA from
+# folding the transpose back into the matmul).
+
+
+def _swap_last_axes(x):
+  return lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
 @jax.custom_vjp
 def attention_logits(query, key):
-  """logits[b, h, q, k] = sum_d query[b, q, h, d] key[b, k, h, d], float32."""
-  return _einsum("bqhd,bkhd->bhqk", query, key)
+  """logits[b, h, q, k] = sum_d query[b, h, q, d] key[b, h, k, d], float32."""
+  return _einsum("bhqd,bhkd->bhqk", query, key)
 
 
 def _attention_logits_fwd(query, key):
@@ -97,8 +105,8 @@ def _attention_logits_fwd(query, key):
 def _attention_logits_bwd(residuals, grad):
   query, key = residuals
   grad = grad.astype(query.dtype)
-  return (_einsum("bhqk,bkhd->bqhd", grad, key).astype(query.dtype),
-          _einsum("bhqk,bqhd->bkhd", grad, query).astype(key.dtype))
+  return (_einsum("bhqk,bhkd->bhqd", grad, key).astype(query.dtype),
+          _einsum("bhkq,bhqd->bhkd", _swap_last_axes(grad), query).astype(key.dtype))
 
 
 attention_logits.defvjp(_attention_logits_fwd, _attention_logits_bwd)
@@ -106,8 +114,8 @@ attention_logits.defvjp(_attention_logits_fwd, _attention_logits_bwd)
 
 @jax.custom_vjp
 def attention_mix(weights, value):
-  """out[b, q, h, d] = sum_k weights[b, h, q, k] value[b, k, h, d], float32."""
-  return _einsum("bhqk,bkhd->bqhd", weights, value)
+  """out[b, h, q, d] = sum_k weights[b, h, q, k] value[b, h, k, d], float32."""
+  return _einsum("bhqk,bhkd->bhqd", weights, value)
 
 
 def _attention_mix_fwd(weights, value):
@@ -117,8 +125,8 @@ def _attention_mix_fwd(weights, value):
 def _attention_mix_bwd(residuals, grad):
   weights, value = residuals
   grad = grad.astype(value.dtype)
-  return (_einsum("bqhd,bkhd->bhqk", grad, value).astype(weights.dtype),
-          _einsum("bhqk,bqhd->bkhd", weights, grad).astype(value.dtype))
+  return (_einsum("bhqd,bhkd->bhqk", grad, value).astype(weights.dtype),
+          _einsum("bhkq,bhqd->bhkd", _swap_last_axes(weights), grad).astype(value.dtype))
 
 
 attention_mix.defvjp(_attention_mix_fwd, _attention_mix_bwd)

@@ -88,14 +88,16 @@ class MultiHeadDotProductAttention(nn.Module):
                            kernel_init=nn.initializers.xavier_uniform(), name="out")(out)
 
   def _attend(self, query, key, value, deterministic):
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # (batch, tokens, heads, d) <-> (batch, heads, tokens, d)
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
-    logits = precision.attention_logits(query, key)
+    logits = precision.attention_logits(heads_major(query), heads_major(key))
     weights = jax.nn.softmax(logits, axis=-1)
     # Kept only when the caller asks (`mutable=["intermediates"]`): attention maps for visualisation.
     self.sow("intermediates", "attention_weights", weights)
     if self.dropout_rate > 0 and not deterministic:
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-    return precision.attention_mix(weights.astype(self.dtype), value).astype(self.dtype)
+    out = precision.attention_mix(weights.astype(self.dtype), heads_major(value))
+    return heads_major(out.astype(self.dtype))
 
 
 class Encoder1DBlock(nn.Module):

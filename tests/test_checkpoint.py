@@ -208,6 +208,9 @@ def test_inspect_cli(tmp_path):
   assert result.returncode == 0, result.stderr
   assert "no registry model matches; closest is testing" in result.stdout
   assert "encoder_norm/scale: file (11,), testing (10,)" in result.stdout
+  odd["embedding/kernel"] = np.zeros((16, 16, 3, 12), np.float32)
+  result = run_inspect(write_npz(tmp_path / "wider.npz", odd))
+  assert "no registry model has hidden size 12 and 1 encoder blocks" in result.stdout
   result = run_inspect(str(tmp_path / "nope.npz"))
   assert result.returncode == 2
   assert result.stderr.startswith("error: checkpoint") and len(result.stderr.strip().splitlines()) == 1

@@ -252,6 +252,11 @@ def _shapes_of(name, num_classes, representation_size):
   return {key: tuple(v.shape) for key, v in _flatten(shapes).items()}
 
 
+def _width_and_depth(name):
+  config = models.get_model_config(name)
+  return config.hidden_size, (config.get("transformer") or {}).get("num_layers", 0)
+
+
 def shape_differences(got, want):
   """(key, got shape, wanted shape) for each parameter whose shape differs between two {key: shape} maps (None
   where a side lacks it). The position embedding's token count may differ: it is resampled to the model's grid."""
@@ -273,8 +278,14 @@ def match_registry(flat_shapes):
   """
   num_classes = flat_shapes["head/kernel"][-1] if "head/kernel" in flat_shapes else 0
   representation = flat_shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in flat_shapes else None
+  # Only models of the file's width and depth can match or come close; their shapes are traced (~1 s a model).
+  hidden = flat_shapes["embedding/kernel"][-1] if "embedding/kernel" in flat_shapes else None
+  depth = len({m.group(1) for key in flat_shapes if (m := _ENCODER_BLOCK.match(key))})
+  candidates = [name for name in models.model_names() if hidden is None or _width_and_depth(name) == (hidden, depth)]
+  if not candidates:
+    return None, f"no registry model has hidden size {hidden} and {depth} encoder blocks"
   best = None
-  for name in models.model_names():
+  for name in candidates:
     differences = [f"{key}: file {got or 'missing'}, {name} {want or 'missing'}"
                    for key, got, want in shape_differences(flat_shapes, _shapes_of(name, num_classes, representation))]
     if not differences:

@@ -45,4 +45,3 @@ def resolve(name: str, platform: str, cpuinfo_path: str = CPUINFO) -> str:
   if name not in DTYPES:
     raise UserError(f"unknown dtype {name!r}; use one of {', '.join(CHOICES)}")
   return name
-

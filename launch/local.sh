@@ -67,7 +67,8 @@ fi
 
 # The command of process $1, one word per array element.
 command_of() {
-  cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$devices_per_process"
+  # The caller's XLA flags are kept; the device count comes last, so it wins over one of theirs.
+  cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices_per_process"
        "JAX_COORDINATOR_ADDRESS=127.0.0.1:$port" "JAX_NUM_PROCESSES=$num_processes" "JAX_PROCESS_ID=$1"
        "$python" -m "$module" "${args[@]}")
 }

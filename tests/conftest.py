@@ -1,11 +1,13 @@
-"""Test-wide setup: 8 emulated CPU devices, and one XLA compilation cache for the whole run."""
+"""Test-wide setup: 8 emulated CPU devices compiling fast (tests/xla_flags.py), and one XLA compilation cache for
+the whole run."""
 import os
 import shutil
 import tempfile
 
+from tests import xla_flags
+
 # Must be set before jax initialises its backends (conftest is imported before any test module).
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags.cpu_devices(8)]).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 # Many tests run `python -m vit_jax.main` (and the other CLIs) on the same tiny configs several times: resuming,
 # killing, comparing process counts. A persistent cache shared by the pytest workers and their subprocesses (they

@@ -6,11 +6,12 @@ import sys
 
 import pytest
 
+from tests import xla_flags
 from vit_jax.errors import UserError
 
 
 def run_benchmark(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.cpu_devices(2))
   return subprocess.run([sys.executable, "-m", "vit_jax.benchmark", "--model_name=testing", "--image_size=32",
                          "--batch=4", "--num_classes=10", "--steps=2", "--warmup=1", *args],
                         capture_output=True, text=True, env=env, timeout=300)

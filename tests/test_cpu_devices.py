@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from tests import xla_flags
 from vit_jax import cpu_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +67,7 @@ def test_after_jax_started_the_count_is_left_alone():
 
 def test_main_evaluate_and_infer_split_by_default_and_a_bad_count_is_one_error_line(tmp_path):
   environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  environ["XLA_FLAGS"] = xla_flags.FAST_COMPILE  # no device count: the CLIs choose it
   base = [sys.executable, "-m", "vit_jax.main", "--config=configs/quickstart.py", "--config.total_steps=1",
           "--config.model.transformer.num_layers=1", "--config.batch=16", "--config.batch_eval=16",
           "--config.eval_every=0", "--config.peak_flops=1e12"]

@@ -10,6 +10,7 @@ import numpy as np
 import portpicker
 import pytest
 
+from tests import xla_flags
 from vit_jax import distributed
 from vit_jax.errors import UserError
 
@@ -18,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def process_env(devices=4, **extra):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_"))}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.cpu_devices(devices), **extra)
   return env
 
 
@@ -108,7 +109,7 @@ TRAIN_FLAGS = ["--config=configs/quickstart.py", "--config.model.transformer.num
 
 def launch_local(num_processes, devices, workdir, tmp_path, *flags):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  env["PYTHON"] = sys.executable
+  env.update(PYTHON=sys.executable, XLA_FLAGS=xla_flags.FAST_COMPILE)  # local.sh adds the device count
   return subprocess.run(
       ["bash", "launch/local.sh", str(num_processes), f"--devices_per_process={devices}",
        f"--log_dir={tmp_path / f'logs_{num_processes}'}", "--", *TRAIN_FLAGS, f"--workdir={workdir}", *flags],

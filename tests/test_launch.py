@@ -68,8 +68,9 @@ def test_gpu_benchmarks_dry_run():
 
 
 def test_local_dry_run():
+  environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   result = launch("local.sh", "2", "--port=1234", "--log_dir=/tmp/logs", "--dry-run",
-                  "--config=configs/quickstart.py", "--workdir=/tmp/x", env=dict(os.environ, PYTHON="python3"))
+                  "--config=configs/quickstart.py", "--workdir=/tmp/x", env=environ | {"PYTHON": "python3"})
   assert result.returncode == 0, result.stderr
   env = "env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_COORDINATOR_ADDRESS=127.0.0.1:1234"
   main = "python3 -m vit_jax.main --config=configs/quickstart.py --workdir=/tmp/x"
@@ -78,6 +79,9 @@ def test_local_dry_run():
       f"{env} JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 {main} > /tmp/logs/process_1.log 2>&1 &",
       "wait",
   ]
+  # The caller's XLA flags reach every process, with the device count last (the last of a repeated flag wins).
+  result = launch("local.sh", "2", "--dry-run", env=environ | {"PYTHON": "python3", "XLA_FLAGS": "--xla_dump_to=/tmp/d"})
+  assert "'XLA_FLAGS=--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=4'" in result.stdout
 
 
 def test_tpu_vm_dry_run():

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from vit_jax import checkpoint, optim, sharding, train
@@ -121,6 +122,29 @@ def test_accumulation_equals_the_large_batch():
                                             batches)
   np.testing.assert_allclose(accumulated, large, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), accumulated_params, large_params)
+
+
+@pytest.mark.parametrize("platform,sliced", [("cpu", False), ("tpu", True)])
+def test_checkpoints_of_replicated_state_slice_it_per_replica_only_off_cpu(tmp_path, monkeypatch, platform, sliced):
+  """Orbax's replica-parallel save slices every replicated array once per replica: on CPU that only blocks the
+  loop, so CPU checkpoints are written by one replica; the state restores exactly either way."""
+  slices = []
+  real_slice = jax.lax.slice_in_dim
+  monkeypatch.setattr(jax.lax, "slice_in_dim", lambda *args, **kwargs: slices.append(1) or real_slice(*args, **kwargs))
+  replicated = jax.sharding.NamedSharding(_mesh(8, 1, 1, 8), jax.sharding.PartitionSpec())
+  state = {"kernel": jax.device_put(np.arange(64 * 16, dtype=np.float32).reshape(64, 16), replicated),
+           "bias": jax.device_put(np.arange(16, dtype=np.float32), replicated)}
+  manager = train._checkpoint_manager(str(tmp_path), tiny_config(), platform)  # pylint: disable=protected-access
+  manager.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), extra=ocp.args.JsonSave({})))
+  manager.wait_until_finished()
+  assert bool(slices) == sliced
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+  restored = manager.restore(1, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))).state
+  manager.close()
+  for name, value in state.items():
+    np.testing.assert_array_equal(restored[name], value)
+    assert restored[name].sharding == replicated
 
 
 # --- end to end on digits ---------------------------------------------------------------------------------------

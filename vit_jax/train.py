@@ -312,10 +312,29 @@ def _train_record(pending, steps, seconds, config, flops_per_step, peak):
   return record
 
 
+def _checkpoint_manager(workdir, config, platform):
+  """Orbax's manager of the workdir's checkpoints: the training state as a PyTree, the data position as JSON.
+
+  Orbax saves a replicated array (the parameters and optimizer state under data parallelism) replica-parallel by
+  default: each of R replicas writes 1/R of it, which first slices every array R times on its devices. On CPU the
+  replicas share one host and disk, so the slicing only blocks the training loop, and there one replica writes
+  each array. 450 replicated arrays of up to 768 x 768 (ViT-B/16 with Adam has as many) over 4 CPU devices block
+  the loop for 0.14 s per save instead of 1.0-1.3 s.
+  """
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False if platform == "cpu" else None)))
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           cleanup_tmp_directories=True),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
+                     "extra": ocp.JsonCheckpointHandler()})
+
+
 def _save(manager, step, state, train_iter, pending):
   # A deep copy of the JSON part: the save completes in the background while the loop mutates `pending`.
   extra = json.loads(json.dumps({"data": train_iter.get_state(), "pending_metrics": pending}))
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)))
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), extra=ocp.args.JsonSave(extra)))
 
 
 def _check_finite(records, first_step, manager, workdir):
@@ -354,11 +373,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                             init_params=abstract_state.params, model_config=model_config,
                                             image_size=first_crop)
 
-  manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           cleanup_tmp_directories=True),
-      item_names=("state", "extra"))
+  manager = _checkpoint_manager(workdir, config, platform)
   writer = train_iter = None  # closed in `finally`, also when setting up fails
   try:
     restored_step = manager.latest_step()
@@ -374,7 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract_state, state_shardings)
       restored = manager.restore(restored_step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+          state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
+          extra=ocp.args.JsonRestore()))
       state = restored.state
       train_iter.set_state(restored.extra["data"])
       pending = restored.extra["pending_metrics"]

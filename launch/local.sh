@@ -68,7 +68,8 @@ fi
 # The command of process $1, one word per array element.
 command_of() {
   # The caller's XLA flags are kept; the device count comes last, so it wins over one of theirs.
-  cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices_per_process"
+  local device_flag="--xla_force_host_platform_device_count=$devices_per_process"
+  cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }$device_flag"
        "JAX_COORDINATOR_ADDRESS=127.0.0.1:$port" "JAX_NUM_PROCESSES=$num_processes" "JAX_PROCESS_ID=$1"
        "$python" -m "$module" "${args[@]}")
 }

@@ -80,7 +80,8 @@ def test_local_dry_run():
       "wait",
   ]
   # The caller's XLA flags reach every process, with the device count last (the last of a repeated flag wins).
-  result = launch("local.sh", "2", "--dry-run", env=environ | {"PYTHON": "python3", "XLA_FLAGS": "--xla_dump_to=/tmp/d"})
+  result = launch("local.sh", "2", "--dry-run",
+                  env=environ | {"PYTHON": "python3", "XLA_FLAGS": "--xla_dump_to=/tmp/d"})
   assert "'XLA_FLAGS=--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=4'" in result.stdout
 
 

@@ -139,8 +139,8 @@ def test_checkpoints_of_replicated_state_slice_it_per_replica_only_off_cpu(tmp_p
   manager.wait_until_finished()
   assert bool(slices) == sliced
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-  restored = manager.restore(1, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))).state
+  restored = manager.restore(1, args=ocp.args.Composite(
+      state=train._state_restore_args(target))).state  # pylint: disable=protected-access
   manager.close()
   for name, value in state.items():
     np.testing.assert_array_equal(restored[name], value)

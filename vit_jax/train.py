@@ -331,6 +331,11 @@ def _checkpoint_manager(workdir, config, platform):
                      "extra": ocp.JsonCheckpointHandler()})
 
 
+def _state_restore_args(target):
+  """Restore arguments of the training state onto `target`'s shapes, dtypes and shardings (orbax reshards)."""
+  return ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+
+
 def _save(manager, step, state, train_iter, pending):
   # A deep copy of the JSON part: the save completes in the background while the loop mutates `pending`.
   extra = json.loads(json.dumps({"data": train_iter.get_state(), "pending_metrics": pending}))
@@ -389,8 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract_state, state_shardings)
       restored = manager.restore(restored_step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
-          extra=ocp.args.JsonRestore()))
+          state=_state_restore_args(target), extra=ocp.args.JsonRestore()))
       state = restored.state
       train_iter.set_state(restored.extra["data"])
       pending = restored.extra["pending_metrics"]

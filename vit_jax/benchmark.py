@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax import compute_dtype, cpu_devices, flops, models, optim, sharding, train
+from vit_jax import compute_dtype, cpu_devices, flops, huge_pages, models, optim, sharding, train
 from vit_jax.errors import UserError, run_cli
 
 MODES = ("train", "infer")
@@ -234,6 +234,7 @@ def benchmark(args):
       "patch": args.patch or model_config.patches.size[0], "batch": batch, "remat": args.remat,
       "scan_layers": args.scan_layers, "fused_attention": args.fused_attention, "mesh": dict(mesh.shape),
       "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages for XLA:CPU's buffers (vit_jax.huge_pages)
       "compile_s": round(compile_s, 2), "model_gflops_per_step": round(flops_per_image * batch / 1e9, 2),
       # XLA costs one partition of the SPMD program: times the devices for the whole step. It counts a scanned
       # loop's body once, so with scan_layers its count is not the step's.
@@ -308,4 +309,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  huge_pages.reexec_with_huge_pages()  # first: the new process starts over
   app.run(lambda argv: run_cli(main, argv))

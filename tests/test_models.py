@@ -186,7 +186,9 @@ def test_fused_attention_and_remat_keep_numerics_and_parameter_paths():
     return jax.value_and_grad(loss)(params)
 
   want_loss, want_grads = loss_and_grads(reference)
-  # Some gradients are zero up to rounding (a key bias cannot change a softmax): compare on the global scale.
+  # Some gradients are zero up to rounding (a key bias cannot change a softmax): compare on the global scale. The
+  # fused attention sums in another order: on an AMX host one gradient entry that cancels down to 2e-4 of the
+  # scale differed by 1.25e-6 of it (float32 rounding), so the bound is 4e-6 of the scale.
   scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads))
   for overrides in (dict(fused_attention=True), dict(remat="full"), dict(remat="save_dots"),
                     dict(fused_attention=True, remat="full")):
@@ -195,7 +197,7 @@ def test_fused_attention_and_remat_keep_numerics_and_parameter_paths():
     loss, grads = loss_and_grads(model)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
-      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale)
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=4e-6 * scale)
   with pytest.raises(UserError, match="unknown remat policy 'some'"):
     tiny(remat="some").init(jax.random.PRNGKey(0), images)
 

@@ -6,7 +6,8 @@ Prints one JSON line: compile time, median step time over `--steps` after `--war
 MFU against a ceiling measured in the same run (`flops.peak_flops`: a large matmul in the same dtype with float32
 accumulation, the way the model computes, times the devices), peak device memory from XLA's memory analysis, and
 the analytic FLOP count next to XLA's own cost analysis. `--peer_python=.peer/bin/python` also runs the timm peer
-(../shared/peer/timm_bench.py) on the same shape right after, for a side-by-side ratio.
+(../shared/peer/timm_bench.py) on the same shape right after, for a side-by-side ratio; it inherits this
+process's environment, `GLIBC_TUNABLES` of `vit_jax.huge_pages` included.
 
   python -m vit_jax.benchmark --model_name=ViT-L_16 --batch=0 --remat=full --mesh.fsdp=-1 --mesh.data=1
 

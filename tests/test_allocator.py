@@ -36,6 +36,7 @@ def changes(environ, **host):
     ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, HOST, None),  # the user's allocator is kept
     ({"LD_PRELOAD": "libtcmalloc_minimal.so.4"}, NO_MIMALLOC, None),
     ({}, NO_MIMALLOC, {"GLIBC_TUNABLES": HUGE_PAGES}),
+    ({}, dict(HOST, mimalloc="/home/a b/lib/libmimalloc.so.3"), {"GLIBC_TUNABLES": HUGE_PAGES}),  # not preloadable
     ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, NO_MIMALLOC,
      {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGE_PAGES}"}),
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, NO_MIMALLOC, None),  # the user's choice (here: off)
@@ -56,7 +57,7 @@ def test_allocator_environment(environ, host, expected):
 
 @pytest.mark.parametrize("environ,message", [
     ({"VIT_JAX_ALLOCATOR": "jemalloc"}, "VIT_JAX_ALLOCATOR='jemalloc' is not an allocator choice"),
-    ({"VIT_JAX_ALLOCATOR": "mimalloc"}, "cmeel-mimalloc package is not installed"),
+    ({"VIT_JAX_ALLOCATOR": "mimalloc"}, "no cmeel-mimalloc library can be preloaded"),
 ])
 def test_allocator_choice_errors_name_the_value(environ, message):
   with pytest.raises(UserError, match=message):

@@ -1,12 +1,14 @@
 """The benchmark CLI runs the real train step and inference and reports consistent figures (no speed asserted)."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
 
 from tests import xla_flags
+from vit_jax import allocator
 from vit_jax.errors import UserError
 
 
@@ -25,6 +27,8 @@ def test_benchmark_reports_one_json_line(mode, extra):
   assert result.returncode == 0, result.stderr
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["mode"] == mode and report["devices"] == 2
+  if platform.system() == "Linux" and allocator.mimalloc_library() and "VIT_JAX_ALLOCATOR" not in os.environ:
+    assert report["allocator"] == "mimalloc"  # the CLI restarted itself with it (vit_jax.allocator)
   # step_ms is rounded to 0.01 ms: a sub-millisecond step leaves a few percent of rounding in the ratio.
   assert report["step_ms"] > 0 and report["img_per_sec"] == pytest.approx(4 / report["step_ms"] * 1e3, rel=0.05)
   assert 0 < report["mfu"] == pytest.approx(report["tflops_per_sec"] / report["peak_tflops_per_sec"], rel=0.05)

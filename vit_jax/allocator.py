@@ -96,11 +96,14 @@ def allocator_environment(environ: Mapping[str, str], *, system: str, glibc: Opt
   choice = environ.get(CHOICE_VARIABLE, "auto") or "auto"
   if choice not in CHOICES:
     raise UserError(f"{CHOICE_VARIABLE}={choice!r} is not an allocator choice; use one of {', '.join(CHOICES)}")
+  if mimalloc is not None and re.search(r"[\s:]", mimalloc):
+    mimalloc = None  # LD_PRELOAD splits paths at spaces and colons: this one cannot be preloaded
   if RESTART_VARIABLE in environ or system != "Linux" or choice == "system" or _preloads_an_allocator(environ):
     return None  # already re-executed, nothing to do, or the user's own allocator
   if choice == "mimalloc" and mimalloc is None:
-    raise UserError(f"{CHOICE_VARIABLE}=mimalloc but the cmeel-mimalloc package is not installed; "
-                    "`pip install cmeel-mimalloc`, or choose auto, glibc or system")
+    raise UserError(f"{CHOICE_VARIABLE}=mimalloc but no cmeel-mimalloc library can be preloaded (the package is "
+                    "not installed, or its path has a space or colon); `pip install cmeel-mimalloc` into a venv "
+                    "whose path has neither, or choose auto, glibc or system")
   changes = {}
   if choice in ("auto", "mimalloc") and mimalloc is not None:
     chosen = "mimalloc"

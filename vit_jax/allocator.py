@@ -31,7 +31,7 @@ import re
 import sys
 from typing import Mapping, Optional, Tuple
 
-from vit_jax.errors import UserError
+from vit_jax.errors import UserError, run_cli
 
 CHOICE_VARIABLE = "VIT_JAX_ALLOCATOR"
 CHOICES = ("auto", "mimalloc", "glibc", "system")
@@ -165,12 +165,8 @@ def reexec_with_fast_allocator():
       del os.environ[name]
     os.environ.update(environ)
     return
-  try:
-    environ = allocator_environment(os.environ, system=platform.system(), glibc=glibc_version(), thp=thp_mode(),
-                                    mimalloc=mimalloc_library())
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  environ = run_cli(allocator_environment, os.environ, system=platform.system(), glibc=glibc_version(),
+                    thp=thp_mode(), mimalloc=mimalloc_library())
   if environ is None:
     return
   sys.stdout.flush()

@@ -7,7 +7,8 @@ setuptools.setup(
     description="Pretrain and fine-tune Vision Transformers (ViT and ResNet hybrids) with JAX/Flax at scale.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["vit_jax", "vit_jax.*"]),
+    # `configs` is a package of plain data, so a config file imports `configs.common` from any directory.
+    packages=setuptools.find_packages(include=["vit_jax", "vit_jax.*", "configs"]),
     python_requires=">=3.10",
     # Ranges the code is written and tested against; constraints.txt pins what CI installs.
     install_requires=[
@@ -28,8 +29,8 @@ setuptools.setup(
         "pillow>=10",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
-        "safetensors>=0.4",  # timm-compatible export in vit_jax.convert (numpy API: no torch needed)
-        # The allocator vit_jax.main preloads on Linux (vit_jax/allocator.py): XLA:CPU's step buffers are reused.
+        "safetensors>=0.4",  # timm-compatible export in vit_jax.tools.convert (numpy API: no torch needed)
+        # The allocator the CLIs preload on Linux CPU hosts (vit_jax/host/allocator.py): XLA:CPU reuses its buffers.
         "cmeel-mimalloc>=3.4; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
     extras_require={

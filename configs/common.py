@@ -1,4 +1,4 @@
-"""Defaults every config starts from: all keys of the config contract (design.md §4), documented once here.
+"""Defaults every config starts from: every key of the training config, documented once here.
 
 Not a runnable experiment itself; the other files call `common.get_config()` and change what they need, e.g.
   python -m vit_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
@@ -6,12 +6,10 @@ Not a runnable experiment itself; the other files call `common.get_config()` and
 import ml_collections
 from ml_collections import config_dict
 
-from vit_jax import fewshot
-
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.trainer = "train"  # what vit_jax.main runs
+  config.trainer = "supervised"  # the training objective (vit_jax.objectives): supervised
 
   # Model: a registry name (`python -c "import vit_jax.models as m; print(m.model_names())"`), plus overrides of
   # its fields, e.g. config.model.update(hidden_size=64, transformer={"num_layers": 4}). The speed options are
@@ -24,8 +22,8 @@ def get_config():
   })
   config.pretrained_path = config_dict.placeholder(str)  # zoo .npz to fine-tune from; None trains from scratch
   # Compute dtype: auto, bfloat16 or float32; parameters and optimizer state stay float32. auto is bfloat16 on
-  # GPU/TPU and on CPUs with bf16 units (1.5x float32 training there), float32 on other CPUs, which emulate bf16
-  # and run it slower (vit_jax/compute_dtype.py, docs/benchmarks.md).
+  # GPU/TPU and on CPUs with bf16 units, float32 on other CPUs, which emulate bf16 and run it slower
+  # (vit_jax/models/precision.py, docs/benchmarks.md).
   config.dtype = "auto"
 
   # Data (vit_jax.data): a TFDS name, `digits` or an image-folder path.
@@ -66,8 +64,8 @@ def get_config():
 
   # Devices (vit_jax.sharding): sizes of the mesh axes; -1 takes the remaining devices.
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  # CPU only (vit_jax.cpu_devices): JAX devices the host's cores are split into; 0 = auto (2 per core, at most 8,
-  # fewer for large models). Small models train ~1.2x faster split (docs/benchmarks.md). No effect on GPU/TPU.
+  # CPU hosts only (vit_jax.host.cpu_devices): JAX devices the cores are split into; 0 = auto (2 per core, at most
+  # 8, fewer for large models); small models train faster split (docs/benchmarks.md). Ignored on GPU/TPU.
   config.cpu_devices = 0
 
   # Bookkeeping. 0 for eval_every/checkpoint_every means only at the end.
@@ -77,7 +75,14 @@ def get_config():
   config.keep_checkpoints = 3
   config.peak_flops = config_dict.placeholder(float)  # FLOP/s ceiling for MFU; None measures a matmul at start
 
-  # Few-shot linear probes on frozen features during training (vit_jax.fewshot); every=0 is off. Unset fields
-  # take the run's dataset and preprocessing, e.g. --config.fewshot.every=1000 --config.fewshot.dataset=cifar100.
-  config.fewshot = fewshot.default_config()
+  # Few-shot linear probes on frozen features during training (vit_jax.evaluators.fewshot); every=0 is off. Unset
+  # fields take the run's dataset and preprocessing, e.g. --config.fewshot.every=1000 --config.fewshot.dataset=cifar100.
+  config.fewshot = ml_collections.ConfigDict({
+      "every": 0,  # steps between few-shot evaluations; 0 = off
+      "dataset": config_dict.placeholder(str), "tfds_data_dir": config_dict.placeholder(str),
+      "train_split": "train", "test_split": "test",
+      "shots": (1, 5, 10, 25), "seeds": 3, "l2_reg": 0.1,  # ridge regularisation on unit-scale features
+      "batch": 256,  # images per feature batch
+      "crop": config_dict.placeholder(int), "resize": config_dict.placeholder(int),
+  })
   return config

@@ -1,6 +1,6 @@
 """Pretrain ViT-B/16 from scratch on ImageNet-1k with the AdamW recipe of the paper (Table 3 / Appendix B.1).
 
-  python -m vit_jax.data.prepare --dataset=imagenet2012 --manual_dir=DIR_WITH_THE_TARS
+  python -m vit_jax.tools.prepare_data --dataset=imagenet2012 --manual_dir=DIR_WITH_THE_TARS
   python -m vit_jax.main --config=configs/imagenet_pretrain.py --workdir=runs/imagenet_pretrain
 
 Batch 4096, lr 1e-3, weight decay 0.1 (decoupled, kernels only), 10k warmup steps then cosine, 300 epochs,
@@ -8,11 +8,7 @@ clip 1.0, dropout 0.1, bf16 compute. Expected: ~74-77% top-1 for ViT-B/16 on Ima
 AugReg's stronger augmentation reaches ~79%). Needs a pod slice: `--config.mesh.fsdp=8` shards the state.
 `:sigmoid` switches to the sigmoid cross-entropy used for ImageNet-21k pretraining.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common` from any working directory
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
 
 
 def get_config(arg=None):

@@ -3,18 +3,12 @@
   make train
   # or: python -m vit_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
 
-Expected: >= 98% test accuracy (360 held-out digits) in 1.5-2.5 minutes on a 2-core CPU. Measured 2026-11-21 on
-a 2-core AVX512-BF16 EPYC: test_accuracy 0.994 at step 1200 in 89 s wall (bfloat16 compute, the CPU split into 4
-devices); 2026-12-01 on a 2-core AVX2-only EPYC (Zen 3), where `dtype=auto` computes in float32: 0.994 in 144 s.
-The last line of runs/quickstart/metrics.jsonl has the figure.
+Expected: >= 98% test accuracy (360 held-out digits; 99.4-99.7% measured) in 1.5-2.5 minutes on a 2-core CPU
+(docs/benchmarks.md has the measurements per host). The last line of runs/quickstart/metrics.jsonl has the figure.
 A 4-layer ViT of width 64 on the digits upsampled to 16 px (patch 4: 16 tokens + class token), AdamW with
 label smoothing and small random affine augmentation; plain shifts reach only ~96%.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common` from any working directory
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """Fine-tune ImageNet-21k ViT-B/16 from the model zoo at 384 px with the zoo recipe (SGD momentum, cosine).
 
   wget https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz
-  python -m vit_jax.data.prepare --dataset=cifar10
+  python -m vit_jax.tools.prepare_data --dataset=cifar10
   python -m vit_jax.main --config=configs/vit_b16.py --workdir=runs/vit_b16_cifar10 \
       --config.pretrained_path=ViT-B_16.npz
 
@@ -14,11 +14,7 @@ Any registry model works: `--config.model_name=ViT-L_16 --config.pretrained_path
 `--config.pp.crop=224` fine-tunes at the pretraining resolution; other sizes resize the position embeddings.
 Out of memory? `--config.accum_steps=8` keeps the batch of 512 at an eighth of the activation memory.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common` from any working directory
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
 
 # dataset: (train split, test split, total steps); the splits follow the zoo's fine-tuning setup.
 DATASETS = {

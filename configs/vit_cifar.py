@@ -1,17 +1,13 @@
 """The from-scratch course's small CIFAR-10 ViT (ViT-CIFAR_4: patch 4, hidden 256, MLP 512, 8 heads, 6 layers,
 dropout 0.2), Adam 3e-4, batch 128, 180 epochs.
 
-  python -m vit_jax.data.prepare --dataset=cifar10
+  python -m vit_jax.tools.prepare_data --dataset=cifar10
   python -m vit_jax.main --config=configs/vit_cifar.py --workdir=runs/vit_cifar
 
 Expected: ~77% CIFAR-10 test accuracy after 180 epochs (70,200 steps), as the course reports. A few hours on one
 GPU; impractical on a laptop CPU.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common` from any working directory
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
 
 
 def get_config():

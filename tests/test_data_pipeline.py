@@ -1,5 +1,4 @@
 """Pipelines on `digits` and on an image folder: shapes, determinism, resume, exact eval, errors."""
-import io
 import os
 
 import jax
@@ -22,12 +21,34 @@ def _sharding():
 
 
 def _config(**overrides):
+  """A training config's data keys; `pp` a plain dict, as any mapping works."""
   pp = dict(train="train", test="test", crop=16, resize=None, augment="affine", mixup=0.0)
   pp.update(overrides.pop("pp", {}))
   c = dict(dataset="digits", tfds_data_dir=None, pp=pp, batch=32, batch_eval=64, seed=0, num_workers=0,
            prefetch=2)
   c.update(overrides)
-  return ml_collections.ConfigDict(c)
+  return c
+
+
+# The training loop's mapping from its config keys to the data functions' arguments.
+
+
+def _info(c):
+  return data.get_dataset_info(c["dataset"], train_split=c["pp"]["train"], test_split=c["pp"]["test"],
+                               tfds_data_dir=c["tfds_data_dir"])
+
+
+def _train(c, sharding, **kw):
+  return data.make_train_iterator(
+      dataset=c["dataset"], split=c["pp"]["train"], pp=c["pp"], batch=c["batch"], seed=c["seed"],
+      sharding=sharding, tfds_data_dir=c["tfds_data_dir"], num_workers=c["num_workers"], prefetch=c["prefetch"],
+      **kw)
+
+
+def _eval(c, sharding, **kw):
+  return data.make_eval_iterator(
+      dataset=c["dataset"], split=c["pp"]["test"], pp=c["pp"], batch=c["batch_eval"], sharding=sharding,
+      tfds_data_dir=c["tfds_data_dir"], num_workers=c["num_workers"], prefetch=c["prefetch"], **kw)
 
 
 def _take(it, n):
@@ -39,9 +60,9 @@ def _equal(a, b):
 
 
 def test_digits_info_and_train_batches():
-  info = data.get_dataset_info(_config())
+  info = _info(_config())
   assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (10, 1437, 360)
-  it = data.make_train_iterator(_config(), _sharding())
+  it = _train(_config(), _sharding())
   batch = next(it)
   assert batch["image"].shape == (32, 16, 16, 3) and batch["image"].dtype == np.float32
   assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
@@ -49,15 +70,15 @@ def test_digits_info_and_train_batches():
   image = np.asarray(batch["image"])
   assert image.min() >= -1 and image.max() <= 1 and image.min() == -1  # black background
   # Stratified split: every class in the test split, ~36 each.
-  counts = np.bincount(np.concatenate([np.asarray(b["label"]) for b in data.make_eval_iterator(
+  counts = np.bincount(np.concatenate([np.asarray(b["label"]) for b in _eval(
       _config(), _sharding())]), minlength=10)
   assert counts.min() >= 30
 
 
 def test_determinism_by_seed_and_resume_with_prefetch():
-  a = data.make_train_iterator(_config(), _sharding())
-  b = data.make_train_iterator(_config(), _sharding())
-  c = data.make_train_iterator(_config(seed=1), _sharding())
+  a = _train(_config(), _sharding())
+  b = _train(_config(), _sharding())
+  c = _train(_config(seed=1), _sharding())
   first_a, first_b, first_c = _take(a, 3), _take(b, 3), _take(c, 3)
   assert _equal(first_a, first_b) and not _equal(first_a, first_c)
   state = a.get_state()
@@ -67,14 +88,14 @@ def test_determinism_by_seed_and_resume_with_prefetch():
   expected = _take(a, 50)
   b.set_state(state)
   assert _equal(_take(b, 50), expected)
-  fresh = data.make_train_iterator(_config(), _sharding())
+  fresh = _train(_config(), _sharding())
   fresh.set_state(state)
   assert _equal(_take(fresh, 5), expected[:5])
 
 
 def test_resume_with_a_worker_process_and_mixup():
   cfg = _config(num_workers=1, batch=16, pp=dict(mixup=0.5, augment="inception_crop"))
-  it = data.make_train_iterator(cfg, _sharding())
+  it = _train(cfg, _sharding())
   first = _take(it, 2)
   assert first[0]["label"].shape == (16, 10) and first[0]["label"].dtype == np.float32
   np.testing.assert_allclose(first[0]["label"].sum(1), 1, rtol=1e-5)
@@ -88,12 +109,13 @@ def test_resume_with_a_worker_process_and_mixup():
 @pytest.mark.parametrize("processes", [1, 2])
 def test_exact_eval_partial_last_batch(processes):
   cfg = _config(batch_eval=48)  # 360 = 7 * 48 + 24: the last global batch is half padding
-  src = data.open_source(cfg, "test")
-  pre = preprocess.EvalPreprocess(cfg.pp)
+  cfg["pp"] = ml_collections.ConfigDict(cfg["pp"])  # a ConfigDict works as well as a dict
+  src = data.open_source("digits", "test")
+  pre = preprocess.EvalPreprocess(cfg["pp"])
   expected = sorted((int(r["label"]), float(pre(r)["image"].sum())) for r in (src[i] for i in range(len(src))))
   seen, steps = [], []
   for p in range(processes):
-    batches = [jax.tree.map(np.asarray, b) for b in data.make_eval_iterator(
+    batches = [jax.tree.map(np.asarray, b) for b in _eval(
         cfg, _sharding(), process_index=p, process_count=processes)]
     steps.append(len(batches))
     for b in batches:
@@ -108,8 +130,8 @@ def test_exact_eval_partial_last_batch(processes):
 
 def test_global_batches_do_not_depend_on_the_process_count():
   """Two simulated processes load the two halves of the very batches one process loads, and resume alike."""
-  one = _take(data.make_train_iterator(_config(), _sharding()), 46)  # past the first epoch (44 batches)
-  halves = [data.make_train_iterator(_config(), _sharding(), process_index=p, process_count=2) for p in range(2)]
+  one = _take(_train(_config(), _sharding()), 46)  # past the first epoch (44 batches)
+  halves = [_train(_config(), _sharding(), process_index=p, process_count=2) for p in range(2)]
   for step, batch in enumerate(one[:3]):
     local = [jax.tree.map(np.asarray, next(it)) for it in halves]
     assert local[0]["image"].shape == (16, 16, 16, 3)
@@ -124,16 +146,69 @@ def test_global_batches_do_not_depend_on_the_process_count():
 
 def test_split_slicing_and_bad_inputs():
   cfg = _config(pp=dict(train="train[:10%]", test="train[10%:]"))
-  info = data.get_dataset_info(cfg)
+  info = _info(cfg)
   assert info.num_train_examples + info.num_eval_examples == 1437
   with pytest.raises(UserError, match="Unknown split 'validation'"):
-    data.get_dataset_info(_config(pp=dict(test="validation")))
+    _info(_config(pp=dict(test="validation")))
   with pytest.raises(UserError, match="number of processes"):
-    data.make_train_iterator(_config(batch=33), _sharding(), process_index=0, process_count=2)
+    _train(_config(batch=33), _sharding(), process_index=0, process_count=2)
   with pytest.raises(UserError, match="8 data-parallel devices"):
-    data.make_train_iterator(_config(batch=12), _sharding())
+    _train(_config(batch=12), _sharding())
   with pytest.raises(UserError, match="pp.augment"):
-    data.make_train_iterator(_config(pp=dict(augment="randaugment")), _sharding())
+    _train(_config(pp=dict(augment="randaugment")), _sharding())
+  with pytest.raises(UserError, match=r"config\.pp\.crop=None must be a positive int"):
+    data.make_eval_iterator(dataset="digits", split="test", pp={}, batch=64, sharding=_sharding())
+  with pytest.raises(UserError, match=r"lower config\.batch\b"):
+    _train(_config(pp=dict(train="train[:1%]")), _sharding())  # 14 examples, batch 32
+  with pytest.raises(UserError, match="config.dataset"):
+    _info(_config(dataset=None))
+
+
+def test_errors_name_the_batch_setting_the_user_wrote():
+  with pytest.raises(UserError, match=r"^config\.batch=12 is not divisible by the 8 data-parallel"):
+    _train(_config(batch=12), _sharding())
+  with pytest.raises(UserError, match=r"^config\.batch_eval=12 is not divisible by the 8 data-parallel"):
+    _eval(_config(batch_eval=12), _sharding())
+  with pytest.raises(UserError, match=r"^--batch_size=12 is not divisible by the 8 data-parallel"):
+    _eval(_config(batch_eval=12), _sharding(), batch_key="--batch_size")
+  with pytest.raises(UserError, match=r"^config\.batch_eval=0 must be a positive int"):
+    data.host_eval_dataset(dataset="digits", split="test", pp=dict(crop=8), batch=0)
+
+
+def test_minimal_pp_takes_the_defaults():
+  """Only `crop` given (a plain dict): inception crop, no mixup, resize straight to crop, skip-and-count."""
+  pp = {"crop": 8}
+  it = data.make_train_iterator(dataset="digits", split="train", pp=pp, batch=32, seed=0, sharding=_sharding())
+  batch = next(it)
+  assert batch["image"].shape == (32, 8, 8, 3) and batch["label"].dtype == np.int32
+  it.close()
+  masks = [np.asarray(b["mask"]) for b in data.make_eval_iterator(
+      dataset="digits", split="test", pp=pp, batch=64, sharding=_sharding())]
+  assert sum(m.sum() for m in masks) == 360
+
+
+def test_train_iterator_opens_its_source_once(monkeypatch):
+  """The epoch size and every resume point come from the one opened source (no second host dataset)."""
+  opened = []
+  real = data.sources.open_source
+  monkeypatch.setattr(data.sources, "open_source", lambda *a, **kw: opened.append(a) or real(*a, **kw))
+  it = _train(_config(), _sharding())
+  first = _take(it, 2)
+  it.set_state({"batches": 0})
+  assert _equal(_take(it, 2), first)
+  assert opened == [("digits", "train")]
+  it.close()
+
+
+def test_host_datasets_without_devices():
+  ds, epoch = data.host_train_dataset(dataset="digits", split="train", pp=dict(crop=8), batch=32, seed=0,
+                                      process_index=1, process_count=2)
+  assert epoch == 1437 // 2
+  assert next(iter(ds))["image"].shape == (16, 8, 8, 3)
+  ds, steps = data.host_eval_dataset(dataset="digits", split="test", pp=dict(crop=8), batch=48, process_index=0,
+                                     process_count=2)
+  batches = list(ds)
+  assert steps == len(batches) == 8 and batches[0]["mask"].shape == (24,)
 
 
 # ------------------------------------------------------------------------------------- image folder
@@ -166,19 +241,23 @@ def _folder_config(root, pp=None, **kw):
 
 
 def test_folder_train_skips_and_counts_corrupt(folder):
-  info = data.get_dataset_info(_folder_config(folder))
+  info = _info(_folder_config(folder))
   assert info.class_names == ("cat", "dog") and info.num_train_examples == 14
-  it = data.make_train_iterator(_folder_config(folder), _sharding())
+  it = _train(_folder_config(folder), _sharding())
   labels = np.concatenate([np.asarray(b["label"]) for b in _take(it, 5)])  # 40 examples, ~3 epochs
   assert set(labels) == {0, 1}
   assert it.num_skipped >= 2  # the corrupt file, once per epoch seen
-  strict = data.make_train_iterator(_folder_config(folder, pp=dict(strict=True)), _sharding())
+  strict = _train(_folder_config(folder, pp=dict(strict=True)), _sharding())
   with pytest.raises(UserError, match="corrupt.jpg"):
     _take(strict, 5)
+  # The `strict` argument overrides pp's strict.
+  assert _take(_train(_folder_config(folder, pp=dict(strict=True)), _sharding(), strict=False), 5)
+  with pytest.raises(UserError, match="corrupt.jpg"):
+    list(_eval(_folder_config(folder), _sharding(), strict=True))
 
 
 def test_folder_eval_masks_corrupt_and_pads(folder):
-  batches = [jax.tree.map(np.asarray, b) for b in data.make_eval_iterator(_folder_config(folder), _sharding())]
+  batches = [jax.tree.map(np.asarray, b) for b in _eval(_folder_config(folder), _sharding())]
   assert len(batches) == 2  # 12 files -> 16 slots
   assert sum(b["mask"].sum() for b in batches) == 11  # 12 files, one corrupt (masked out, counted)
   assert all(b["image"].shape == (8, 16, 16, 3) for b in batches)
@@ -186,11 +265,11 @@ def test_folder_eval_masks_corrupt_and_pads(folder):
 
 def test_folder_errors(folder, tmp_path):
   with pytest.raises(UserError, match="no images"):
-    data.get_dataset_info(_folder_config(folder, pp=dict(test="empty")))
+    _info(_folder_config(folder, pp=dict(test="empty")))
   with pytest.raises(UserError, match="Unknown split 'test'"):
-    data.get_dataset_info(_folder_config(folder, pp=dict(test="test")))
+    _info(_folder_config(folder, pp=dict(test="test")))
   os.makedirs(tmp_path / "train")
   with pytest.raises(UserError, match="no class folders"):
-    data.get_dataset_info(_folder_config(str(tmp_path)))
+    _info(_folder_config(str(tmp_path)))
   with pytest.raises(UserError, match="not a directory"):
-    data.get_dataset_info(_folder_config(str(tmp_path / "missing")))
+    _info(_folder_config(str(tmp_path / "missing")))

@@ -7,6 +7,7 @@ from PIL import Image
 import pytest
 
 from vit_jax.data import preprocess as pp
+from vit_jax.errors import UserError
 
 
 def _gradient(h, w):
@@ -101,8 +102,13 @@ def test_affine_without_motion_is_a_resize():
   assert moved.shape == (16, 16, 3) and not np.array_equal(moved, out)
 
 
-def test_train_and_eval_preprocess_outputs():
-  cfg = ml_collections.ConfigDict(dict(crop=8, resize=None, augment="inception_crop"))
+@pytest.mark.parametrize("cfg", [
+    ml_collections.ConfigDict(dict(crop=8, resize=None, augment="inception_crop")),
+    dict(crop=8, resize=None, augment="inception_crop"),
+    dict(crop=8),  # the defaults: inception crop, no resize
+])
+def test_train_and_eval_preprocess_outputs(cfg):
+  pp.check_pp(cfg)
   record = {"image": _encode(np.full((20, 30, 3), 255, np.uint8), "PNG"), "label": 3, "id": "x"}
   ex = pp.TrainPreprocess(cfg)(record, np.random.default_rng(0))
   assert ex["image"].shape == (8, 8, 3) and ex["image"].dtype == np.float32 and ex["_skipped"] == ""
@@ -114,3 +120,22 @@ def test_train_and_eval_preprocess_outputs():
   np.testing.assert_allclose(mix["label"].sum(1), 1, rtol=1e-6)
   lam = mix["label"][0, 0]
   np.testing.assert_allclose(mix["image"][0], lam - (1 - lam), rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [dict, ml_collections.ConfigDict])
+def test_check_pp_names_the_config_key(make):
+  for bad, match in [(dict(crop=0), r"config\.pp\.crop=0 must be a positive int"),
+                     (dict(), r"config\.pp\.crop=None must be a positive int"),
+                     (dict(crop=8, resize=4), r"config\.pp\.resize=4 must be None or an int >= pp\.crop=8"),
+                     (dict(crop=8, augment="randaugment"), r"config\.pp\.augment='randaugment' is not one of"),
+                     (dict(crop=8, mixup=-1.0), r"config\.pp\.mixup=-1\.0 must be >= 0")]:
+    with pytest.raises(UserError, match=match):
+      pp.check_pp(make(bad))
+
+
+def test_eval_resize_then_central_crop():
+  record = {"image": np.arange(20 * 20 * 3, dtype=np.uint8).reshape(20, 20, 3), "label": 0, "id": "x"}
+  ex = pp.EvalPreprocess({"crop": 8, "resize": 10})(record)
+  expected = pp.crop_resize(pp.decode(record["image"]), pp.central_crop_box(20, 20, 10, 8), 8)
+  np.testing.assert_array_equal(ex["image"], pp.normalize(expected))
+  assert ex["mask"] == 1

@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from vit_jax import data
-from vit_jax.data import prepare
+from vit_jax.tools import prepare_data as prepare
 from vit_jax.errors import UserError
 
 
@@ -51,6 +51,26 @@ def _config(dataset, data_dir=None, train="train", test="test", batch=8):
       pp=dict(train=train, test=test, crop=4, resize=None, augment="inception_crop", mixup=0.0)))
 
 
+# The training loop's mapping from its config keys to the data functions' arguments.
+
+
+def _info(c):
+  return data.get_dataset_info(c.dataset, train_split=c.pp.train, test_split=c.pp.test,
+                               tfds_data_dir=c.tfds_data_dir)
+
+
+def _train(c, sharding):
+  return data.make_train_iterator(dataset=c.dataset, split=c.pp.train, pp=c.pp, batch=c.batch, seed=c.seed,
+                                  sharding=sharding, tfds_data_dir=c.tfds_data_dir, num_workers=c.num_workers,
+                                  prefetch=c.prefetch)
+
+
+def _eval(c, sharding):
+  return data.make_eval_iterator(dataset=c.dataset, split=c.pp.test, pp=c.pp, batch=c.batch_eval,
+                                 sharding=sharding, tfds_data_dir=c.tfds_data_dir, num_workers=c.num_workers,
+                                 prefetch=c.prefetch)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
@@ -69,23 +89,23 @@ def test_mock_data_cifar10_through_data_source():
 
   with tfds.testing.mock_data(as_data_source_fn=as_data_source):
     cfg = _config("cifar10")
-    info = data.get_dataset_info(cfg)
+    info = _info(cfg)
     assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (10, 20, 13)
     assert len(info.class_names) == 10
-    batch = next(data.make_train_iterator(cfg, _sharding()))
+    batch = next(_train(cfg, _sharding()))
     assert batch["image"].shape == (8, 4, 4, 3) and batch["label"].dtype == np.int32
-    masks = [np.asarray(b["mask"]) for b in data.make_eval_iterator(cfg, _sharding())]
+    masks = [np.asarray(b["mask"]) for b in _eval(cfg, _sharding())]
     assert len(masks) == 2 and sum(m.sum() for m in masks) == 13
 
 
 def test_real_array_record_slicing_and_exact_eval(tiny_dir):
   cfg = _config("vit_jax_tiny_images", tiny_dir, train="train[:80%]", test="train[80%:]+test", batch=8)
-  info = data.get_dataset_info(cfg)
+  info = _info(cfg)
   assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (3, 8, 7)
-  batch = next(data.make_train_iterator(cfg, _sharding()))
+  batch = next(_train(cfg, _sharding()))
   assert batch["image"].shape == (8, 4, 4, 3)
   labels = []
-  for b in data.make_eval_iterator(cfg, _sharding()):
+  for b in _eval(cfg, _sharding()):
     labels += [int(l) for l, m in zip(np.asarray(b["label"]), np.asarray(b["mask"])) if m]
   # In order, exactly once each (TFDS shuffles records when it writes them, so ask TFDS for the order).
   expected = tfds.data_source("vit_jax_tiny_images", split="train[80%:]+test", data_dir=tiny_dir)
@@ -94,16 +114,16 @@ def test_real_array_record_slicing_and_exact_eval(tiny_dir):
 
 def test_tfds_errors(tiny_dir, tmp_path):
   with pytest.raises(UserError, match=r"Unknown split 'val'.*train"):
-    data.get_dataset_info(_config("vit_jax_tiny_images", tiny_dir, test="val"))
+    _info(_config("vit_jax_tiny_images", tiny_dir, test="val"))
   # Not prepared: fail at once (no download) with the exact command.
-  with pytest.raises(UserError, match=f"python -m vit_jax.data.prepare --dataset=cifar10 --data_dir={tmp_path}"):
-    data.get_dataset_info(_config("cifar10", str(tmp_path)))
+  with pytest.raises(UserError, match=f"python -m vit_jax.tools.prepare_data --dataset=cifar10 --data_dir={tmp_path}"):
+    _info(_config("cifar10", str(tmp_path)))
   with pytest.raises(UserError, match="Did you mean: cifar10"):
-    data.get_dataset_info(_config("cifar1O", str(tmp_path)))
+    _info(_config("cifar1O", str(tmp_path)))
 
 
 def test_prepare_cli_unknown_dataset_exits_2():
-  proc = subprocess.run([sys.executable, "-m", "vit_jax.data.prepare", "--dataset=no_such_dataset_xyz"],
+  proc = subprocess.run([sys.executable, "-m", "vit_jax.tools.prepare_data", "--dataset=no_such_dataset_xyz"],
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]

@@ -14,8 +14,7 @@ import pytest
 from vit_jax import checkpoint, optim, sharding, train
 from vit_jax.errors import UserError
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "configs"))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
 
 
 def tiny_config(**overrides):

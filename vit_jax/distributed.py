@@ -223,15 +223,6 @@ def check_cross_process_collectives():
           "process_ids": [int(x) for x in np.asarray(processes).ravel()]}
 
 
-def _main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  flags_ = flags.FLAGS
-  initialize(flags_.coordinator_address, flags_.num_processes, flags_.process_id, timeout_s=flags_.distributed_timeout_s)
-  print(json.dumps(check_cross_process_collectives()), flush=True)
-
-
 def define_flags():
   """The flags of an explicit multi-process launch; `vit_jax.main` passes their values to `initialize`."""
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -239,10 +230,3 @@ def define_flags():
   flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
   flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes - 1.")
   flags.DEFINE_float("distributed_timeout_s", DEFAULT_TIMEOUT_S, "Seconds to wait for every process to join.")
-
-
-if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from vit_jax.errors import run_cli  # pylint: disable=g-import-not-at-top
-  define_flags()
-  app.run(lambda argv: run_cli(_main, argv))

@@ -1,24 +1,24 @@
 """Entry point: `python -m vit_jax.main --config=configs/X.py[:ARG] --workdir=DIR [--config.key=value ...]`.
 
-The config is locked: overriding a key it does not have is an error. `config.trainer` picks what runs.
-Every error a user can fix ends the program with one `error: ...` line and exit status 2.
+Flags -> host set-up (CPU hosts only: `vit_jax.host`) -> the training loop with the objective `config.trainer`
+names -> the training curves. The config is locked: overriding a key it does not have is an error. Every error a
+user can fix ends the program with one `error: ...` line and exit status 2.
 """
 import logging as std_logging
 import os
 import sys
 
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
 
-from vit_jax import allocator, cpu_devices, distributed, sharding, train
+from vit_jax import distributed, host, objectives, sharding, steps, train, workdir as workdir_lib
 from vit_jax.errors import UserError, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the final model.npz.")
 distributed.define_flags()
-
-TRAINERS = {"train": train.train_and_evaluate}
 
 
 def _parse_flags(argv):
@@ -41,6 +41,17 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or not any(part in record.pathname for part in self._NOISY)
 
 
+def _plot_curves(workdir):
+  """curves.png of a completed run (process 0); a plot that cannot be drawn costs a warning, never the run."""
+  from vit_jax.tools import visualize  # pylint: disable=g-import-not-at-top  (matplotlib only when plotting)
+  if jax.process_index() != 0 or not os.path.exists(workdir_lib.path(workdir, workdir_lib.MODEL_FILE)):
+    return
+  try:
+    visualize.plot_training_curves(workdir)
+  except UserError as e:  # matplotlib is an optional extra
+    logging.warning("No training curves: %s", e)
+
+
 def run(argv):
   # First, before anything touches a device: join the other processes of a multi-process run (no-op otherwise).
   multi_process = distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
@@ -56,21 +67,22 @@ def run(argv):
     trainer = config.get("trainer")
   except Exception as e:  # pylint: disable=broad-except  # the config file is missing or fails to load
     raise UserError(f"cannot load --config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: {e}") from None
-  if trainer not in TRAINERS:
-    raise UserError(f"unknown trainer {trainer!r}; use one of {', '.join(TRAINERS)}")
+  objectives.get(trainer)  # an unknown name fails here, before anything slow
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.info("Config:\n%s", config)
   if not multi_process:  # still before JAX creates its devices; a multi-process run keeps one CPU device each
-    # Sizes the CPU split only, so the CPU's model; the head is an estimate (the dataset is not read yet).
-    num_params = train.count_params(train.create_model(config, num_classes=1000, platform="cpu"), config.pp.crop)
-    cpu_devices.configure(config.cpu_devices, num_params=num_params,
-                          batch_sizes=(config.batch // max(config.accum_steps, 1), config.batch_eval),
-                          mesh_sizes=[config.mesh[axis] for axis in sharding.MESH_AXES])
-  TRAINERS[config.trainer](config, _WORKDIR.value)
+    # Sizes the state copies of the CPU split; the head is an estimate (the dataset is not read yet).
+    host.split_cpu_devices(
+        config.cpu_devices,
+        num_params=lambda: steps.count_params(train.create_model(config, 1000, "cpu"), config.pp.crop),
+        batch_sizes=(config.batch // max(config.accum_steps, 1), config.batch_eval),
+        mesh_sizes=[config.mesh[axis] for axis in sharding.MESH_AXES])
+  train.train_and_evaluate(config, _WORKDIR.value)
+  _plot_curves(_WORKDIR.value)
 
 
 def main():
-  allocator.reexec_with_fast_allocator()  # first: the new process starts over
+  host.restart_with_fast_allocator()  # first: the new process starts over
   app.run(lambda argv: run_cli(run, argv), flags_parser=_parse_flags)
 
 

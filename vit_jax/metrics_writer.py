@@ -8,7 +8,7 @@ import os
 import jax
 from absl import logging
 
-METRICS_FILE = "metrics.jsonl"
+from vit_jax.workdir import METRICS_FILE
 
 
 class MetricsWriter:

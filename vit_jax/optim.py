@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import optax
 
 from vit_jax.errors import UserError
+from vit_jax.models.precision import DTYPES
 
 DECAY_TYPES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("sgd", "adamw")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def make_schedule(*, base_lr, total_steps, warmup_steps, decay_type):
@@ -40,31 +40,31 @@ def make_schedule(*, base_lr, total_steps, warmup_steps, decay_type):
   return schedule
 
 
-def schedule_from_config(config):
-  return make_schedule(base_lr=config.base_lr, total_steps=config.total_steps, warmup_steps=config.warmup_steps,
-                       decay_type=config.decay_type)
-
-
 def kernel_mask(params):
   """True for weight matrices (`.../kernel`): biases, norms, embeddings and the class token are not decayed."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
-def make_optimizer(config):
-  """The optax transformation of `config.optimizer`, learning rate from `schedule_from_config(config)`."""
-  if config.optimizer not in OPTIMIZERS:
-    raise UserError(f"unknown optimizer {config.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
-  if config.momentum_dtype not in _DTYPES:
-    raise UserError(f"unknown momentum_dtype {config.momentum_dtype!r}; use one of {', '.join(_DTYPES)}")
-  momentum_dtype = _DTYPES[config.momentum_dtype]
-  schedule = schedule_from_config(config)
-  if config.optimizer == "sgd":
-    optimizer = optax.sgd(schedule, momentum=config.momentum, accumulator_dtype=momentum_dtype)
+def make_optimizer(*, optimizer, base_lr, total_steps, warmup_steps, decay_type, momentum=0.9, beta2=0.999,
+                   momentum_dtype="float32", weight_decay=0.0, grad_norm_clip=0.0):
+  """(optax transformation, its learning-rate schedule): `optimizer` (sgd | adamw) behind global-norm clipping
+  (`grad_norm_clip` 0 = none), learning rate from `make_schedule`."""
+  if optimizer not in OPTIMIZERS:
+    raise UserError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+  if momentum_dtype not in DTYPES:
+    raise UserError(f"unknown momentum_dtype {momentum_dtype!r}; use one of {', '.join(DTYPES)}")
+  schedule = make_schedule(base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                           decay_type=decay_type)
+  if optimizer == "sgd":
+    tx = optax.sgd(schedule, momentum=momentum, accumulator_dtype=DTYPES[momentum_dtype])
   else:
-    optimizer = optax.adamw(schedule, b1=config.momentum, b2=config.beta2, weight_decay=config.weight_decay,
-                            mu_dtype=momentum_dtype, mask=kernel_mask)
-  if config.grad_norm_clip:
-    return optax.chain(optax.clip_by_global_norm(config.grad_norm_clip), optimizer)
-  return optimizer
+    tx = optax.adamw(schedule, b1=momentum, b2=beta2, weight_decay=weight_decay, mu_dtype=DTYPES[momentum_dtype],
+                     mask=kernel_mask)
+  if grad_norm_clip:
+    tx = optax.chain(optax.clip_by_global_norm(grad_norm_clip), tx)
+  return tx, schedule
 
+
+CONFIG_KEYS = ("optimizer", "base_lr", "total_steps", "warmup_steps", "decay_type", "momentum", "beta2",
+               "momentum_dtype", "weight_decay", "grad_norm_clip")  # the training config keys make_optimizer takes

@@ -18,43 +18,46 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vit_jax.errors import UserError
+from vit_jax.models import vit
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# (regex over the path, PartitionSpec). The first match wins.
-PARAM_RULES = (
-    (r".*/(query|key|value)/kernel$", P("fsdp", "tensor", None)),  # (hidden, heads, head_dim)
-    (r".*/(query|key|value)/bias$", P("tensor", None)),  # (heads, head_dim)
-    (r".*/out/kernel$", P("tensor", None, "fsdp")),  # (heads, head_dim, hidden)
-    (r".*/MlpBlock_3/Dense_0/kernel$", P("fsdp", "tensor")),  # (hidden, mlp)
-    (r".*/MlpBlock_3/Dense_0/bias$", P("tensor")),
-    (r".*/MlpBlock_3/Dense_1/kernel$", P("tensor", "fsdp")),  # (mlp, hidden)
-    (r"(.*/)?embedding/kernel$", P(None, None, None, "fsdp")),  # (patch, patch, 3, hidden)
-    (r"(.*/)?head/kernel$", P("fsdp", None)),  # (hidden, classes)
-)
+# (regex over the '/'-joined parameter path, PartitionSpec); the first match wins. Each model family states its
+# own rules beside its modules.
+PARAM_RULES = vit.SHARDING_RULES
 
 
 _SCANNED_BLOCK = re.compile(r"(^|/)encoderblock/")
 
 
-def make_mesh(mesh_config, devices: Sequence[jax.Device] = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one size may be -1 to take the devices the others leave."""
-  devices = list(jax.devices() if devices is None else devices)
-  sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
-  free = [axis for axis, size in sizes.items() if size == -1]
+def resolve_mesh_sizes(mesh_config, num_devices=None) -> dict:
+  """{'data', 'fsdp', 'tensor'} sizes of `mesh_config` (a mapping; missing axes are 1) with its one -1 resolved
+  against `num_devices`; a UserError naming the sizes when they do not fit the devices."""
+  sizes = {axis: int(mesh_config.get(axis, 1)) for axis in MESH_AXES}
   described = ", ".join(f"mesh.{axis}={size}" for axis, size in sizes.items())
+  free = [axis for axis, size in sizes.items() if size == -1]
   if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
     raise UserError(f"invalid mesh ({described}); use positive sizes and at most one -1")
   known = int(np.prod([size for size in sizes.values() if size != -1]))
   if free:
-    if len(devices) % known:
-      raise UserError(f"mesh ({described}) cannot use {len(devices)} devices: {known} does not divide "
-                      f"{len(devices)}; choose sizes whose product divides the device count")
-    sizes[free[0]] = len(devices) // known
-  if int(np.prod(list(sizes.values()))) != len(devices):
-    raise UserError(f"mesh sizes ({described}) multiply to {int(np.prod(list(sizes.values())))} but there are "
-                    f"{len(devices)} devices; make them multiply to {len(devices)} or set one to -1")
+    if num_devices is None:
+      raise UserError(f"mesh.{free[0]}=-1 needs the device count (--devices, the total number of chips) to resolve")
+    if num_devices % known:
+      raise UserError(f"mesh ({described}) cannot use {num_devices} devices: {known} does not divide "
+                      f"{num_devices}; choose sizes whose product divides the device count")
+    sizes[free[0]] = num_devices // known
+  elif num_devices is not None and known != num_devices:
+    raise UserError(f"mesh sizes ({described}) multiply to {known} but there are {num_devices} devices; make "
+                    f"them multiply to {num_devices} or set one to -1")
+  return sizes
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 to take the devices the others
+  leave."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = resolve_mesh_sizes(mesh_config, len(devices))
   shape = tuple(sizes[axis] for axis in MESH_AXES)
   # Physical order matters on TPU/GPU (tensor axis on the fastest links): let JAX pick it when we use all devices.
   if len(devices) == len(jax.devices()):

@@ -11,9 +11,12 @@ image is replaced by the next readable example of the order (and counted), so po
     -> to_iter_dataset(reader threads) -> batch(B/P) [-> mixup] -> mp_prefetch(num_workers)
     -> background thread: jax.make_array_from_process_local_data -> queue of `prefetch` device batches
 
-Evaluation pads the split to ceil(N / batch_eval) global batches, gives each process a contiguous block of
+Evaluation pads the split to ceil(N / batch) global batches, gives each process a contiguous block of
 that padded index range, and marks padding (and corrupt images) with mask 0: every process runs the same
 number of steps, and every real example is scored exactly once.
+
+Every function takes its inputs as keyword arguments (no training config), so that tools and tests call them
+directly; errors still name the setting the user wrote (`batch_key`: `batch`, `batch_eval`, `--batch_size`).
 """
 import math
 import queue
@@ -52,16 +55,22 @@ def data_parallel_size(sharding) -> int:
   return math.prod(sharding.mesh.shape[a] for a in axes)
 
 
+def setting_name(key: str) -> str:
+  """How errors name a setting: a config key `batch` is `config.batch`; a flag (`--batch_size`) stays as is."""
+  return key if key.startswith("-") else f"config.{key}"
+
+
 def check_batch(batch: int, key: str, process_count: int, sharding) -> int:
-  """Returns the per-process batch; a UserError when the global batch cannot be split evenly."""
+  """Returns the per-process batch; a UserError naming `key` when the global batch cannot be split evenly."""
+  name = setting_name(key)
   if not isinstance(batch, int) or batch <= 0:
-    raise UserError(f"config.{key}={batch!r} must be a positive int")
+    raise UserError(f"{name}={batch!r} must be a positive int")
   if batch % process_count:
-    raise UserError(f"config.{key}={batch} is not divisible by the number of processes ({process_count}); "
+    raise UserError(f"{name}={batch} is not divisible by the number of processes ({process_count}); "
                     f"use a multiple of {process_count}")
   dp = data_parallel_size(sharding)
   if batch % dp:
-    raise UserError(f"config.{key}={batch} is not divisible by the {dp} data-parallel devices of the mesh; "
+    raise UserError(f"{name}={batch} is not divisible by the {dp} data-parallel devices of the mesh; "
                     f"use a multiple of {dp}")
   return batch // process_count
 
@@ -70,15 +79,14 @@ def _seed(*parts) -> int:
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _read_options(config, local_batch):
+def _read_options(read_threads, local_batch):
   # Threads overlap file reads and PIL's GIL-free decode/resize; the buffer holds preprocessed examples,
   # so it is kept near one batch rather than grain's default of 500 (300 MB of 224px float32 images).
-  return grain.ReadOptions(num_threads=int(config.get("read_threads", 2)),
-                           prefetch_buffer_size=max(2 * local_batch, 8))
+  return grain.ReadOptions(num_threads=int(read_threads), prefetch_buffer_size=max(2 * local_batch, 8))
 
 
-def _mp(ds, config):
-  workers = int(config.get("num_workers", 0) or 0)
+def _mp(ds, num_workers):
+  workers = int(num_workers or 0)
   if workers < 0:
     raise UserError(f"config.num_workers={workers} must be >= 0 (0 = load in the main process)")
   if not workers:
@@ -156,39 +164,59 @@ class _EvalRecord:
 _ENDLESS = 2**62  # local positions: training repeats epochs for as long as it is iterated
 
 
-def host_train_dataset(config, start_batch=0, process_index=None, process_count=None, local_batch=None):
-  """(grain IterDataset of this process's rows of global batches `start_batch`, `start_batch` + 1, ...,
-  examples per epoch on this process)."""
-  index, count = _processes(process_index, process_count)
-  pp_lib.check_pp(config.pp)
-  local_batch = local_batch or check_batch(config.batch, "batch", count, None)
-  source = sources.open_source(config, config.pp.train)
-  if len(source) < local_batch * count:
-    raise UserError(f"split {source.description!r} has {len(source)} examples, fewer than one batch of "
-                    f"{local_batch * count}; lower config.batch")
-  record = _TrainRecord(source, pp_lib.TrainPreprocess(config.pp), _seed(config.seed), local_batch * count,
-                        local_batch, index)
+def _train_dataset(source, pp, *, seed, local_batch, process_index, process_count, start_batch, num_workers,
+                   read_threads):
+  """This process's rows of global batches `start_batch`, `start_batch` + 1, ... of an opened source."""
+  record = _TrainRecord(source, pp_lib.TrainPreprocess(pp), _seed(seed), local_batch * process_count, local_batch,
+                        process_index)
   ds = grain.MapDataset.range(start_batch * local_batch, _ENDLESS).map(record)
-  ds = ds.to_iter_dataset(_read_options(config, local_batch))
+  ds = ds.to_iter_dataset(_read_options(read_threads, local_batch))
   ds = ds.batch(local_batch, drop_remainder=True, batch_fn=stack_examples)
-  alpha = float(config.pp.get("mixup", 0.0) or 0.0)
+  alpha = float(pp.get("mixup", 0.0) or 0.0)
   if alpha > 0:
-    ds = ds.map(_MixupBatch(pp_lib.Mixup(alpha, len(source.class_names)), _seed(config.seed)))
-  return _mp(ds, config), len(source) // count
+    ds = ds.map(_MixupBatch(pp_lib.Mixup(alpha, len(source.class_names)), _seed(seed)))
+  return _mp(ds, num_workers)
 
 
-def host_eval_dataset(config, process_index=None, process_count=None, local_batch=None):
-  """(grain IterDataset of this process's eval batches with 'mask', number of batches)."""
+def _open_train_source(dataset, split, tfds_data_dir, global_batch, batch_key):
+  source = sources.open_source(dataset, split, tfds_data_dir=tfds_data_dir)
+  if len(source) < global_batch:
+    raise UserError(f"split {source.description!r} has {len(source)} examples, fewer than one batch of "
+                    f"{global_batch}; lower {setting_name(batch_key)}")
+  return source
+
+
+def host_train_dataset(*, dataset, split, pp, batch, seed, tfds_data_dir=None, num_workers=0, read_threads=2,
+                       start_batch=0, process_index=None, process_count=None, batch_key="batch"):
+  """(grain IterDataset of this process's rows of global batches `start_batch`, `start_batch` + 1, ...,
+  examples per epoch on this process): the host side alone, without devices (tests, the data benchmark)."""
   index, count = _processes(process_index, process_count)
-  pp_lib.check_pp(config.pp)
-  local_batch = local_batch or check_batch(config.batch_eval, "batch_eval", count, None)
-  source = sources.open_source(config, config.pp.test)
-  steps = -(-len(source) // (local_batch * count))
-  start = index * steps * local_batch
+  pp_lib.check_pp(pp)
+  local_batch = check_batch(batch, batch_key, count, None)
+  source = _open_train_source(dataset, split, tfds_data_dir, local_batch * count, batch_key)
+  ds = _train_dataset(source, pp, seed=seed, local_batch=local_batch, process_index=index, process_count=count,
+                      start_batch=start_batch, num_workers=num_workers, read_threads=read_threads)
+  return ds, len(source) // count
+
+
+def _eval_dataset(source, pp, *, local_batch, process_index, process_count, num_workers, read_threads):
+  steps = -(-len(source) // (local_batch * process_count))
+  start = process_index * steps * local_batch
   ds = grain.MapDataset.range(start, start + steps * local_batch)
-  ds = ds.map(_EvalRecord(source, pp_lib.EvalPreprocess(config.pp), len(source)))
-  ds = ds.to_iter_dataset(_read_options(config, local_batch)).batch(local_batch, batch_fn=stack_examples)
-  return _mp(ds, config), steps
+  ds = ds.map(_EvalRecord(source, pp_lib.EvalPreprocess(pp), len(source)))
+  ds = ds.to_iter_dataset(_read_options(read_threads, local_batch)).batch(local_batch, batch_fn=stack_examples)
+  return _mp(ds, num_workers), steps
+
+
+def host_eval_dataset(*, dataset, split, pp, batch, tfds_data_dir=None, num_workers=0, read_threads=2,
+                      process_index=None, process_count=None, batch_key="batch_eval"):
+  """(grain IterDataset of this process's eval batches with 'mask', number of batches): the host side alone."""
+  index, count = _processes(process_index, process_count)
+  pp_lib.check_pp(pp)
+  local_batch = check_batch(batch, batch_key, count, None)
+  source = sources.open_source(dataset, split, tfds_data_dir=tfds_data_dir)
+  return _eval_dataset(source, pp, local_batch=local_batch, process_index=index, process_count=count,
+                       num_workers=num_workers, read_threads=read_threads)
 
 
 # -------------------------------------------------------------------------------- device iterators
@@ -342,28 +370,40 @@ class DataIterator:
       pass
 
 
-def _strict(config, strict):
-  return bool(config.pp.get("strict", False)) if strict is None else strict
+def _strict(pp, strict):
+  return bool(pp.get("strict", False)) if strict is None else bool(strict)
 
 
-def make_train_iterator(config, sharding, *, process_index=None, process_count=None, strict=None):
+def make_train_iterator(*, dataset, split, pp, batch, seed, sharding, tfds_data_dir=None, num_workers=0,
+                        read_threads=2, prefetch=2, process_index=None, process_count=None, strict=None,
+                        batch_key="batch") -> DataIterator:
   """Endless shuffled global training batches {'image', 'label'} sharded by `sharding`; resumable.
 
-  `process_index`/`process_count` default to JAX's; overriding them simulates one of several processes
-  (the arrays then hold only this process's batch // process_count examples).
+  `batch` is global. `process_index`/`process_count` default to JAX's; overriding them simulates one of several
+  processes (the arrays then hold only this process's batch // process_count examples). `strict=None` takes
+  `pp['strict']` (default False: corrupt images are skipped and counted).
   """
-  _, count = _processes(process_index, process_count)
-  local_batch = check_batch(config.batch, "batch", count, sharding)
-  make_dataset = lambda start: host_train_dataset(config, start, process_index, process_count, local_batch)[0]
-  _, epoch_examples = host_train_dataset(config, 0, process_index, process_count, local_batch)
-  counter = CorruptCounter(f"{config.dataset}:{config.pp.train}", _strict(config, strict))
-  return DataIterator(make_dataset, sharding, config.get("prefetch", 2), counter, epoch_examples, local_batch)
+  index, count = _processes(process_index, process_count)
+  pp_lib.check_pp(pp)
+  local_batch = check_batch(batch, batch_key, count, sharding)
+  # Opened once: every resume point (set_state) rebuilds only the grain pipeline over the same source.
+  source = _open_train_source(dataset, split, tfds_data_dir, batch, batch_key)
+  make_dataset = lambda start: _train_dataset(
+      source, pp, seed=seed, local_batch=local_batch, process_index=index, process_count=count,
+      start_batch=start, num_workers=num_workers, read_threads=read_threads)
+  counter = CorruptCounter(f"{dataset}:{split}", _strict(pp, strict))
+  return DataIterator(make_dataset, sharding, prefetch, counter, len(source) // count, local_batch)
 
 
-def make_eval_iterator(config, sharding, *, process_index=None, process_count=None, strict=None):
-  """One pass over config.pp.test: global {'image', 'label', 'mask'} batches; padding has mask 0."""
-  _, count = _processes(process_index, process_count)
-  local_batch = check_batch(config.batch_eval, "batch_eval", count, sharding)
-  ds, _ = host_eval_dataset(config, process_index, process_count, local_batch)
-  counter = CorruptCounter(f"{config.dataset}:{config.pp.test}", _strict(config, strict))
-  return DataIterator(lambda start: ds, sharding, config.get("prefetch", 2), counter)
+def make_eval_iterator(*, dataset, split, pp, batch, sharding, tfds_data_dir=None, num_workers=0, read_threads=2,
+                       prefetch=2, process_index=None, process_count=None, strict=None,
+                       batch_key="batch_eval") -> DataIterator:
+  """One pass over `split`: global {'image', 'label', 'mask'} batches of `batch`; padding has mask 0."""
+  index, count = _processes(process_index, process_count)
+  pp_lib.check_pp(pp)
+  local_batch = check_batch(batch, batch_key, count, sharding)
+  source = sources.open_source(dataset, split, tfds_data_dir=tfds_data_dir)
+  ds, _ = _eval_dataset(source, pp, local_batch=local_batch, process_index=index, process_count=count,
+                        num_workers=num_workers, read_threads=read_threads)
+  counter = CorruptCounter(f"{dataset}:{split}", _strict(pp, strict))
+  return DataIterator(lambda start: ds, sharding, prefetch, counter)

@@ -9,8 +9,9 @@ Resizing is PIL bilinear with a source box, so crop + resize is one pass over th
 equals TF's `tf.image.resize` (half-pixel centres); when shrinking PIL low-pass filters (like
 `tf.image.resize(..., antialias=True)`) where the zoo's TF code did not, which moves pixels by a few levels.
 
-A training op is `op(image: PIL.Image, rng, crop) -> uint8 array [crop, crop, 3]` in `TRAIN_OPS`; ops that
-work on the cropped uint8 array (RandAugment, later) go in `ARRAY_OPS` and are applied after it.
+A training op is `op(image: PIL.Image, rng, crop) -> uint8 array [crop, crop, 3]` in `TRAIN_OPS`, chosen by
+`pp.augment`. `pp` is the preprocessing part of the training config (`config.pp`): any mapping, a ConfigDict or
+a dict, read with `pp["crop"]` / `pp.get(key, default)` only, so callers outside training need no config.
 """
 import io
 import math
@@ -159,19 +160,23 @@ def plain_resize(img, rng, crop):
 
 
 TRAIN_OPS = {"inception_crop": inception_crop, "affine": random_affine, "none": plain_resize}
-ARRAY_OPS = {}  # name -> op(uint8 array, rng) -> uint8 array, applied after the train op (e.g. RandAugment)
+DEFAULT_AUGMENT = "inception_crop"
 
 
 def check_pp(pp):
-  if pp.get("augment", "inception_crop") not in TRAIN_OPS:
-    raise UserError(f"config.pp.augment={pp.augment!r} is not one of {sorted(TRAIN_OPS)}")
-  if not isinstance(pp.crop, int) or pp.crop <= 0:
-    raise UserError(f"config.pp.crop={pp.crop!r} must be a positive int")
+  """UserError naming the `config.pp` key when `pp` (any mapping) cannot be preprocessed with."""
+  augment = pp.get("augment", DEFAULT_AUGMENT)
+  if augment not in TRAIN_OPS:
+    raise UserError(f"config.pp.augment={augment!r} is not one of {sorted(TRAIN_OPS)}")
+  crop = pp.get("crop")
+  if not isinstance(crop, int) or crop <= 0:
+    raise UserError(f"config.pp.crop={crop!r} must be a positive int")
   resize = pp.get("resize")
-  if resize is not None and (not isinstance(resize, int) or resize < pp.crop):
-    raise UserError(f"config.pp.resize={resize!r} must be None or an int >= pp.crop={pp.crop}")
-  if float(pp.get("mixup", 0.0) or 0.0) < 0:
-    raise UserError(f"config.pp.mixup={pp.mixup!r} must be >= 0 (0 = off)")
+  if resize is not None and (not isinstance(resize, int) or resize < crop):
+    raise UserError(f"config.pp.resize={resize!r} must be None or an int >= pp.crop={crop}")
+  mixup = pp.get("mixup", 0.0)
+  if float(mixup or 0.0) < 0:
+    raise UserError(f"config.pp.mixup={mixup!r} must be >= 0 (0 = off)")
 
 
 # ------------------------------------------------------------------------- picklable per-example callables
@@ -186,26 +191,22 @@ class TrainPreprocess:
   """(raw record, rng) -> {'image' float32 [crop, crop, 3] in [-1, 1], 'label' int32, '_skipped' str}."""
 
   def __init__(self, pp):
-    self.crop = pp.crop
-    self.op = TRAIN_OPS[pp.get("augment", "inception_crop")]
-    self.array_ops = [ARRAY_OPS[name] for name in pp.get("array_ops", ())]
+    self.crop = pp["crop"]
+    self.op = TRAIN_OPS[pp.get("augment", DEFAULT_AUGMENT)]
 
   def __call__(self, record, rng):
     try:
       img = decode(record["image"])
     except CorruptImage as e:
       return _corrupt_example(record, self.crop, e)
-    out = self.op(img, rng, self.crop)
-    for op in self.array_ops:
-      out = op(out, rng)
-    return {"image": normalize(out), "label": np.int32(record["label"]), "_skipped": ""}
+    return {"image": normalize(self.op(img, rng, self.crop)), "label": np.int32(record["label"]), "_skipped": ""}
 
 
 class EvalPreprocess:
   """record -> eval example with 'mask'; a corrupt image becomes a masked-out example (counted, not scored)."""
 
   def __init__(self, pp):
-    self.crop, self.resize = pp.crop, pp.get("resize")
+    self.crop, self.resize = pp["crop"], pp.get("resize")
 
   def __call__(self, record):
     try:

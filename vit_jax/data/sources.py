@@ -4,8 +4,8 @@ Every source is a picklable sequence (grain workers unpickle it) whose items are
 `{'image': encoded bytes | uint8 array, 'label': int, 'id': str}`; decoding happens later, in the
 preprocessing of each worker, so that a corrupt image is caught, counted and skipped there.
 
-`config.dataset` selects the kind: `digits`, an existing directory (or anything containing a path
-separator) for an image folder, otherwise a TFDS catalog name.
+`dataset` (the training config's `dataset`) selects the kind: `digits`, an existing directory (or anything
+containing a path separator) for an image folder, otherwise a TFDS catalog name.
 """
 import dataclasses
 import difflib
@@ -26,8 +26,8 @@ DIGITS_SPLIT_SEED = 0
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   num_classes: int
-  num_train_examples: int  # of config.pp.train, after split slicing
-  num_eval_examples: int  # of config.pp.test, after split slicing
+  num_train_examples: int  # of train_split, after split slicing
+  num_eval_examples: int  # of test_split, after split slicing
   class_names: tuple[str, ...]
 
 
@@ -170,7 +170,7 @@ def _folder_source(root: str, split: str) -> IndexedSource:
 
 
 def prepare_command(name: str, data_dir) -> str:
-  cmd = f"python -m vit_jax.data.prepare --dataset={name}"
+  cmd = f"python -m vit_jax.tools.prepare_data --dataset={name}"
   return cmd + (f" --data_dir={data_dir}" if data_dir else "")
 
 
@@ -238,19 +238,22 @@ def _tfds_source(name: str, split: str, data_dir, image_key="image", label_key="
 # ---------------------------------------------------------------------------------------------- public
 
 
-def open_source(config, split: str) -> IndexedSource:
-  """The source for `split` (TFDS split syntax) of `config.dataset`."""
-  dataset = config.dataset
+def open_source(dataset: str, split: str, *, tfds_data_dir=None) -> IndexedSource:
+  """The source for `split` (TFDS split syntax) of `dataset`; `tfds_data_dir` only matters for TFDS names."""
+  if not isinstance(dataset, str) or not dataset:
+    raise UserError(f"dataset={dataset!r} names no dataset: set config.dataset to a TFDS name (e.g. cifar10), "
+                    "'digits' or the path of an image folder")
   kind = dataset_kind(dataset)
   if kind == "digits":
     return _digits_source(split)
   if kind == "folder":
     return _folder_source(os.path.expanduser(dataset), split)
-  return _tfds_source(dataset, split, config.get("tfds_data_dir"))
+  return _tfds_source(dataset, split, tfds_data_dir)
 
 
-def get_dataset_info(config) -> DatasetInfo:
-  train = open_source(config, config.pp.train)
-  test = open_source(config, config.pp.test)
+def get_dataset_info(dataset: str, *, train_split: str, test_split: str, tfds_data_dir=None) -> DatasetInfo:
+  """Class names and split sizes, which the model and the schedules need before any pipeline exists."""
+  train = open_source(dataset, train_split, tfds_data_dir=tfds_data_dir)
+  test = open_source(dataset, test_split, tfds_data_dir=tfds_data_dir)
   return DatasetInfo(num_classes=len(train.class_names), num_train_examples=len(train),
                      num_eval_examples=len(test), class_names=train.class_names)

@@ -1,11 +1,17 @@
-"""Matmuls and convolutions that accumulate in float32 whatever the operand dtype, forward and backward.
+"""Compute precision: the compute dtype (`dtype=auto|float32|bfloat16`), and matmuls and convolutions that
+accumulate in float32 whatever the operand dtype, forward and backward.
 
-With bfloat16 operands a float32-accumulating matmul is what runs at full rate on CPUs with bf16 units (AVX512-BF16,
-AMX) and on GPU tensor cores; bf16 x bf16 -> bf16 is slower on CPU and loses precision. JAX's own gradient of such a
-matmul multiplies the float32 cotangent with a bf16 operand, which XLA computes as a float32 matmul. For the
-layers' matmuls (inputs' trailing axes contracted with the kernel's leading axes) `dot_general` therefore has its
-own gradient: the cotangent is rounded to the operands' dtype and the two gradient matmuls accumulate in float32,
-as the forward does. With float32 operands everything is the plain float32 computation.
+`auto` is bfloat16 on GPU and TPU, and on CPUs whose instruction set multiplies bfloat16 natively (AVX512-BF16,
+AMX-BF16); other CPUs emulate bfloat16 and run it slower, so `auto` is float32 there (docs/benchmarks.md).
+Parameters and optimizer state are float32 either way.
+
+With bfloat16 operands, JAX's own gradient of a float32-accumulating matmul multiplies the float32 cotangent with
+a bf16 operand, which XLA computes as a float32 matmul. On CPU the layers' matmuls (inputs' trailing axes
+contracted with the kernel's leading axes) and attention's two batched matmuls therefore have their own gradients,
+shaped for XLA:CPU: the cotangent is rounded to the operands' dtype and the gradient matmuls accumulate in float32,
+as the forward does. GPU and TPU get plain `dot_general` with float32 accumulation and JAX's own gradients
+(`lax.platform_dependent` picks per lowering platform). With float32 operands both are the plain float32
+computation.
 """
 import functools
 import math
@@ -13,6 +19,49 @@ import math
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from vit_jax.errors import UserError
+
+AUTO = "auto"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPE_CHOICES = (AUTO, *DTYPES)
+# /proc/cpuinfo flags of x86 CPUs with bf16 dot-product instructions (AMX CPUs have both).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_flags(cpuinfo_text: str) -> set:
+  """The feature flags of the first CPU listed in /proc/cpuinfo text (empty if it lists none)."""
+  for line in cpuinfo_text.splitlines():
+    name, _, value = line.partition(":")
+    if name.strip() == "flags":
+      return set(value.split())
+  return set()
+
+
+def cpu_has_bf16_matmul(cpuinfo_path: str = CPUINFO) -> bool:
+  try:
+    with open(cpuinfo_path) as f:
+      flags = cpu_flags(f.read())
+  except OSError:  # not Linux: unknown, so the safe float32
+    return False
+  return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def resolve_dtype(name: str, platform: str, cpuinfo_path: str = CPUINFO) -> str:
+  """`float32` or `bfloat16`: `name` itself, or what `auto` means on `platform` ('cpu', 'gpu', 'tpu')."""
+  if name == AUTO:
+    if platform != "cpu" or cpu_has_bf16_matmul(cpuinfo_path):
+      return "bfloat16"
+    return "float32"
+  if name not in DTYPES:
+    raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_CHOICES)}")
+  return name
+
+def on_cpu(cpu_fn, default_fn, *arrays):
+  """`cpu_fn(*arrays)` where the computation is lowered for CPU, `default_fn(*arrays)` elsewhere (GPU, TPU)."""
+  return lax.platform_dependent(*arrays, cpu=cpu_fn, default=default_fn)
+
 
 conv_general_dilated = functools.partial(lax.conv_general_dilated, preferred_element_type=jnp.float32)
 
@@ -71,7 +120,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
                      and tuple(contract_lhs) == tuple(range(lhs.ndim - n, lhs.ndim))
                      and tuple(contract_rhs) == tuple(range(n)))
   if is_layer_matmul:
-    return _layer_matmul(lhs, rhs, n)
+    return on_cpu(lambda x, w: _layer_matmul(x, w, n), lambda x, w: _matmul(x, w, n), lhs, rhs)
   return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32,
                          **kwargs)
 
@@ -92,14 +141,31 @@ def _swap_last_axes(x):
   return lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
-@jax.custom_vjp
-def attention_logits(query, key):
-  """logits[b, h, q, k] = sum_d query[b, h, q, d] key[b, h, k, d], float32."""
+def _plain_attention_logits(query, key):
   return _einsum("bhqd,bhkd->bhqk", query, key)
 
 
+def _plain_attention_mix(weights, value):
+  return _einsum("bhqk,bhkd->bhqd", weights, value)
+
+
+def attention_logits(query, key):
+  """logits[b, h, q, k] = sum_d query[b, h, q, d] key[b, h, k, d], float32."""
+  return on_cpu(_cpu_attention_logits, _plain_attention_logits, query, key)
+
+
+def attention_mix(weights, value):
+  """out[b, h, q, d] = sum_k weights[b, h, q, k] value[b, h, k, d], float32."""
+  return on_cpu(_cpu_attention_mix, _plain_attention_mix, weights, value)
+
+
+@jax.custom_vjp
+def _cpu_attention_logits(query, key):
+  return _plain_attention_logits(query, key)
+
+
 def _attention_logits_fwd(query, key):
-  return attention_logits(query, key), (query, key)
+  return _plain_attention_logits(query, key), (query, key)
 
 
 def _attention_logits_bwd(residuals, grad):
@@ -109,17 +175,16 @@ def _attention_logits_bwd(residuals, grad):
           _einsum("bhkq,bhqd->bhkd", _swap_last_axes(grad), query).astype(key.dtype))
 
 
-attention_logits.defvjp(_attention_logits_fwd, _attention_logits_bwd)
+_cpu_attention_logits.defvjp(_attention_logits_fwd, _attention_logits_bwd)
 
 
 @jax.custom_vjp
-def attention_mix(weights, value):
-  """out[b, h, q, d] = sum_k weights[b, h, q, k] value[b, h, k, d], float32."""
-  return _einsum("bhqk,bhkd->bhqd", weights, value)
+def _cpu_attention_mix(weights, value):
+  return _plain_attention_mix(weights, value)
 
 
 def _attention_mix_fwd(weights, value):
-  return attention_mix(weights, value), (weights, value)
+  return _plain_attention_mix(weights, value), (weights, value)
 
 
 def _attention_mix_bwd(residuals, grad):
@@ -129,4 +194,4 @@ def _attention_mix_bwd(residuals, grad):
           _einsum("bhkq,bhqd->bhkd", _swap_last_axes(weights), grad).astype(value.dtype))
 
 
-attention_mix.defvjp(_attention_mix_fwd, _attention_mix_bwd)
+_cpu_attention_mix.defvjp(_attention_mix_fwd, _attention_mix_bwd)

@@ -8,13 +8,15 @@ while layer norms, the softmax and the returned logits stay float32.
 import re
 from typing import Any, Mapping, Optional
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from vit_jax.errors import UserError
-from vit_jax.models import precision, resnet
+from vit_jax.models import geometry, precision, resnet
 
 CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
 # Rematerialisation of each encoder block in the backward pass: trade compute for activation memory.
@@ -23,6 +25,26 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, redo the rest
 }
+
+# Parameter shardings over the (data, fsdp, tensor) mesh of `vit_jax.sharding`: (regex over the path, spec).
+SHARDING_RULES = (
+    (r".*/(query|key|value)/kernel$", P("fsdp", "tensor", None)),  # (hidden, heads, head_dim)
+    (r".*/(query|key|value)/bias$", P("tensor", None)),  # (heads, head_dim)
+    (r".*/out/kernel$", P("tensor", None, "fsdp")),  # (heads, head_dim, hidden)
+    (r".*/MlpBlock_3/Dense_0/kernel$", P("fsdp", "tensor")),  # (hidden, mlp)
+    (r".*/MlpBlock_3/Dense_0/bias$", P("tensor")),
+    (r".*/MlpBlock_3/Dense_1/kernel$", P("tensor", "fsdp")),  # (mlp, hidden)
+    (r"(.*/)?embedding/kernel$", P(None, None, None, "fsdp")),  # (patch, patch, 3, hidden)
+    (r"(.*/)?head/kernel$", P("fsdp", None)),  # (hidden, classes)
+)
+
+
+def warn_if_remat_saves_nothing(remat, scan_layers, platform):
+  """XLA:CPU's scheduler runs an unrolled model's recomputation early, so remat without scan keeps every
+  activation there (docs/scaling.md); GPU and TPU compilers schedule for memory."""
+  if remat != "none" and not scan_layers and platform == "cpu":
+    logging.warning("remat=%s without scan_layers saves no memory on CPU (XLA:CPU recomputes early); add "
+                    "scan_layers=True for the saving", remat)
 
 
 def _layer_norm(name):
@@ -158,15 +180,6 @@ class Encoder(nn.Module):
     return _layer_norm("encoder_norm")(x)
 
 
-def downsampling(patches: Mapping[str, Any], resnet_config: Optional[Mapping[str, Any]]):
-  """Total stride (height, width) from pixels to tokens: the ResNet stem's times the patch size."""
-  ph, pw = patches["size"]
-  if resnet_config is None:
-    return ph, pw
-  stem = 4 * 2 ** max(len(resnet_config["num_layers"]) - 1, 0)
-  return stem * ph, stem * pw
-
-
 class VisionTransformer(nn.Module):
   """ViT classifier; `num_classes=0` or None returns the pre-logit features instead of logits.
 
@@ -191,7 +204,7 @@ class VisionTransformer(nn.Module):
   def __call__(self, images, *, train=False):
     if self.classifier not in CLASSIFIERS:
       raise UserError(f"unknown classifier {self.classifier!r}; use one of {', '.join(CLASSIFIERS)}")
-    stride = downsampling(self.patches, self.resnet)
+    stride = geometry.downsampling(self.patches, self.resnet)
     height, width = images.shape[1:3]
     if height % stride[0] or width % stride[1]:
       raise UserError(
@@ -211,7 +224,7 @@ class VisionTransformer(nn.Module):
     if self.transformer is not None:
       n, h, w, c = x.shape
       x = jnp.reshape(x, (n, h * w, c))
-      if self.classifier in ("token", "token_unpooled"):
+      if self.classifier in geometry.TOKEN_CLASSIFIERS:
         cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
       x = Encoder(**self.transformer, dtype=dtype, fused_attention=self.fused_attention, remat=self.remat,
@@ -229,14 +242,6 @@ class VisionTransformer(nn.Module):
       x = nn.Dense(self.num_classes, dtype=dtype, dot_general=precision.dot_general, kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.constant(self.head_bias_init), name="head")(x)
     return x.astype(jnp.float32)
-
-
-def num_tokens(model_config: Mapping[str, Any], image_size) -> int:
-  """Sequence length (class token included) for an image of `image_size` (int or (height, width))."""
-  height, width = (image_size, image_size) if np.isscalar(image_size) else image_size
-  sh, sw = downsampling(model_config["patches"], model_config.get("resnet"))
-  has_class_token = model_config.get("classifier", "token") in ("token", "token_unpooled")
-  return (height // sh) * (width // sw) + int(has_class_token)
 
 
 _BLOCK = re.compile(r"^encoderblock_(\d+)$")

@@ -1,18 +1,17 @@
 """CPU hosts: a process allocator that keeps XLA's per-step buffers, chosen at start by re-executing once.
 
-XLA:CPU allocates every execution's temporary buffers afresh (one ~450 MB block per device for the ViT-Ti train
-step of docs/benchmarks.md). glibc serves a block that large with its own mmap and unmaps it on free, so each step
-faults every 4 KiB page in again: 443,000 page faults and 0.65-0.8 s of kernel time in a 1.3 s step on a 2-core
-host. An allocator is chosen when the process starts (`LD_PRELOAD`, `GLIBC_TUNABLES`), so the training and
-benchmark CLIs (`vit_jax.main`, `vit_jax.benchmark`) call `reexec_with_fast_allocator` first thing: it replaces the
-process by the same command (same pid) with the environment below, before flags are parsed or devices exist.
+XLA:CPU allocates every execution's temporary buffers afresh; glibc serves blocks that large with their own mmap
+and unmaps them on free, so each step faults every 4 KiB page in again (docs/benchmarks.md has the cost). An
+allocator is chosen when the process starts (`LD_PRELOAD`, `GLIBC_TUNABLES`), so on CPU hosts the training and
+benchmark CLIs call `reexec_with_fast_allocator` first thing (through `vit_jax.host`): it replaces the process by
+the same command (same pid) with the environment below, before flags are parsed or devices exist.
 
 `VIT_JAX_ALLOCATOR` picks (default `auto`):
 - `mimalloc`: preload the `cmeel-mimalloc` wheel's library (a vit_jax dependency on Linux) with
-  `MIMALLOC_PURGE_DELAY=-1`, so freed memory stays with the process and the next step reuses it: 0-10 faults per
-  step, 0.89-0.97 s (the process keeps its peak memory mapped, ~5% more resident memory for that step).
+  `MIMALLOC_PURGE_DELAY=-1`, so freed memory stays with the process and the next step reuses it (the process
+  keeps its peak memory mapped).
 - `glibc`: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35, transparent huge pages in `madvise` mode): the
-  blocks still come and go every step, but on 2 MiB pages: 2,700 faults, 0.25 s of zeroing pages, 1.03-1.05 s.
+  blocks still come and go every step, but on 2 MiB pages.
 - `system`: the process runs as started.
 - `auto`: `mimalloc` where its library is installed, else `glibc` where it applies, else `system`.
 
@@ -20,8 +19,7 @@ The user's own settings win: an `LD_PRELOAD` that already names an allocator lib
 `malloc`), a `GLIBC_TUNABLES` that sets `glibc.malloc.hugetlb`, and `MIMALLOC_*` variables already set are kept.
 The restarted process puts the variables back as the user had them (the library is loaded and glibc has read its
 tunables by then), so subprocesses, the benchmark's timm peer among them, start in the user's environment. Off
-Linux nothing changes. GPU and TPU runs keep device memory in their runtime's own allocator; there the choice only
-concerns host memory.
+Linux nothing changes; on GPU and TPU hosts `vit_jax.host` does not call it.
 """
 import importlib.metadata
 import json
@@ -134,41 +132,38 @@ def restored_environment(environ: Mapping[str, str]) -> Tuple[dict, Optional[str
   return result, restart["allocator"]
 
 
-_restarted_with = None  # what `reexec_with_fast_allocator` restarted this process with
-
-
-def describe() -> str:
+def describe(restarted_with: Optional[str] = None) -> str:
   """Which allocator this process runs with: `mimalloc` (however it was preloaded), `glibc huge pages`, or
-  `system`."""
+  `system`; `restarted_with` is what `reexec_with_fast_allocator` returned."""
   try:
     with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
       if "libmimalloc" in f.read():
         return "mimalloc"
   except OSError:
     pass
-  if _restarted_with == "glibc huge pages" or (
+  if restarted_with == "glibc huge pages" or (
       f"{HUGE_PAGE_TUNABLE}=1" in os.environ.get("GLIBC_TUNABLES", "").split(":")):
     return "glibc huge pages"
   return "system"
 
 
-def reexec_with_fast_allocator():
+def reexec_with_fast_allocator() -> Optional[str]:
   """Replaces this process by the same command with the allocator's environment, where it helps (module docstring).
 
   Call it first thing in a CLI's entry point: the new process starts over; the exec keeps the process id, open files
-  and the rest of the environment. A bad `VIT_JAX_ALLOCATOR` ends the command with an `error:` line, exit code 2.
+  and the rest of the environment. Returns, in the restarted process, the allocator it was restarted with (None
+  when it was not). A bad `VIT_JAX_ALLOCATOR` ends the command with an `error:` line, exit code 2.
   """
-  global _restarted_with
   if RESTART_VARIABLE in os.environ:  # the restarted process: give subprocesses the user's environment back
-    environ, _restarted_with = restored_environment(os.environ)
+    environ, restarted_with = restored_environment(os.environ)
     for name in set(os.environ) - set(environ):
       del os.environ[name]
     os.environ.update(environ)
-    return
+    return restarted_with
   environ = run_cli(allocator_environment, os.environ, system=platform.system(), glibc=glibc_version(),
                     thp=thp_mode(), mimalloc=mimalloc_library())
   if environ is None:
-    return
+    return None
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], environ)

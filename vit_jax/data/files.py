@@ -7,7 +7,6 @@ back, not raised, so that callers can skip and count it.
 """
 import os
 
-import ml_collections
 import numpy as np
 
 from vit_jax.data import preprocess
@@ -32,19 +31,22 @@ def expand(paths):
     else:
       raise UserError(f"image {path} does not exist; pass image files or folders of images")
   if not files:
-    raise UserError("no images given; pass image files or folders, e.g. `python -m vit_jax.infer "
+    raise UserError("no images given; pass image files or folders, e.g. `python -m vit_jax.tools.infer "
                     "--checkpoint=runs/quickstart cat.jpg photos/`")
   return files, any_folder
 
 
 def load(path, pp):
-  """`pp`: {'crop', 'resize'}. (image float32 [crop, crop, 3] in [-1, 1], None) or (None, reason) when the file cannot be used."""
+  """(image float32 [crop, crop, 3] in [-1, 1], None), or (None, reason) when the file cannot be used.
+
+  `pp`: any mapping with 'crop' and optionally 'resize' (the run's `config.pp`, or a dict), used as given.
+  """
   try:
     with open(path, "rb") as f:
       data = f.read()
   except OSError as e:
     return None, e.strerror or str(e)
-  example = preprocess.EvalPreprocess(ml_collections.ConfigDict(dict(pp)))({"image": data, "label": 0, "id": path})
+  example = preprocess.EvalPreprocess(pp)({"image": data, "label": 0, "id": path})
   if example["_skipped"]:
     note = example["_skipped"]  # "<id> (<reason>)"
     return None, note[len(path) + 2:-1] if note.startswith(path + " (") else note

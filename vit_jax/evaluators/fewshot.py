@@ -7,54 +7,23 @@ closed form; test images are classified by argmax of (x - mean) W. No bias is ne
 shots in every class its optimum is the same constant for every class, which does not change the argmax.
 Accuracy is averaged over seeds; the draws are nested (the 5 shots of a seed contain its 1 shot).
 
-  python -m vit_jax.fewshot --checkpoint=runs/quickstart [--dataset=digits --shots=1,5,10,25 --seeds=3]
+Build the evaluator once (it caches the preprocessed images) and call it with the current parameters; the
+training loop does so every `config.fewshot.every` steps, `python -m vit_jax.tools.fewshot` once:
 
-During training (`config.fewshot`, see `default_config`), build the evaluator once (it caches the preprocessed
-images) and call it with the current parameters:
-
-  evaluator = fewshot.FewShotEvaluator(config)           # or fewshot.evaluate(params, model, config), uncached
+  evaluator = FewShotEvaluator(dataset="digits", pp={"crop": 16}, shots=(1, 5))
   metrics = evaluator(state.params, model)               # {'fewshot_5shot_accuracy': ..., ...}
 """
-import json
-
-from absl import app, flags, logging
+from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from vit_jax import data, trained_model
+from vit_jax import data
 from vit_jax.data import preprocess
-from vit_jax.errors import UserError, run_cli, write_output
+from vit_jax.errors import UserError
 
-FLAGS = flags.FLAGS
-
-
-def define_flags():
-  """Flags of this CLI, defined only when it runs (other CLIs use the same names)."""
-  flags.DEFINE_string("checkpoint", None, "Training workdir or zoo .npz file.")
-  flags.DEFINE_string("model_name", None, "Registry name of the .npz's model, e.g. ViT-B_16.")
-  flags.DEFINE_string("dataset", None, "digits, a TFDS name or an image folder; default: the run's.")
-  flags.DEFINE_string("train_split", "train", "Split the shots are drawn from.")
-  flags.DEFINE_string("test_split", "test", "Split the probe is scored on.")
-  flags.DEFINE_list("shots", ["1", "5", "10", "25"], "Shots per class.")
-  flags.DEFINE_integer("seeds", 3, "Draws of the shots to average over.")
-  flags.DEFINE_float("l2_reg", None, "Ridge regularisation (on unit-scale features); default 0.1.")
-  flags.DEFINE_integer("image_size", None, "Resolution; default: the checkpoint's.")
-  flags.DEFINE_string("tfds_data_dir", None, "Where prepared TFDS datasets live.")
-  flags.DEFINE_string("output", None, "Also write the JSON result to this file.")
 
 DEFAULT_L2_REG = 0.1
-
-
-def default_config():
-  """`config.fewshot`: None fields fall back to the run's (`dataset`, `pp.crop`, `pp.resize`, `tfds_data_dir`)."""
-  return ml_collections.ConfigDict({
-      "every": 0,  # steps between few-shot evaluations in training; 0 = off
-      "dataset": None, "tfds_data_dir": None, "train_split": "train", "test_split": "test",
-      "shots": (1, 5, 10, 25), "seeds": 3, "l2_reg": DEFAULT_L2_REG, "batch": 256,
-      "crop": None, "resize": None,
-  })
 
 
 # --- the linear probe --------------------------------------------------------------------------------------------
@@ -135,24 +104,19 @@ def _load_images(source, indices, pp):
 class FewShotEvaluator:
   """Holds the preprocessed support (all seeds) and test images; `__call__(params, model)` -> metrics."""
 
-  def __init__(self, config):
-    fs = default_config()
-    fs.update(config.get("fewshot", {}) or {})
-    self.shots = sorted({int(k) for k in fs.shots})
+  def __init__(self, *, dataset, pp, train_split="train", test_split="test", shots=(1, 5, 10, 25), seeds=3,
+               l2_reg=DEFAULT_L2_REG, batch=256, tfds_data_dir=None):
+    """`pp`: the test preprocessing ({'crop', 'resize'}) of the support and test images."""
+    self.shots = sorted({int(k) for k in shots})
     if not self.shots or self.shots[0] < 1:
-      raise UserError(f"fewshot.shots={tuple(fs.shots)} must be positive integers")
-    if fs.seeds < 1:
-      raise UserError(f"fewshot.seeds={fs.seeds} must be at least 1")
-    self.seeds, self.l2_reg, self.batch = int(fs.seeds), float(fs.l2_reg), int(fs.batch)
-    data_config = ml_collections.ConfigDict({
-        "dataset": fs.dataset or config.dataset,
-        "tfds_data_dir": fs.tfds_data_dir or config.get("tfds_data_dir"),
-    })
-    self.dataset = data_config.dataset
-    pp = ml_collections.ConfigDict({"crop": fs.crop or config.pp.crop,
-                                    "resize": fs.resize or config.pp.get("resize")})
-    train = data.open_source(data_config, fs.train_split)
-    test = data.open_source(data_config, fs.test_split)
+      raise UserError(f"fewshot.shots={tuple(shots)} must be positive integers")
+    if seeds < 1:
+      raise UserError(f"fewshot.seeds={seeds} must be at least 1")
+    self.seeds, self.l2_reg, self.batch = int(seeds), float(l2_reg), int(batch)
+    self.dataset = dataset
+    pp = {"crop": pp["crop"], "resize": pp.get("resize")}
+    train = data.open_source(dataset, train_split, tfds_data_dir=tfds_data_dir)
+    test = data.open_source(dataset, test_split, tfds_data_dir=tfds_data_dir)
     self.num_classes = len(train.class_names)
     labels = np.array([train[i]["label"] for i in range(len(train))])
     # draws[s] is [classes, max_shots]; every draw's images are loaded once, in one array.
@@ -183,42 +147,3 @@ class FewShotEvaluator:
       metrics[f"fewshot_{k}shot_accuracy"] = float(np.mean(accuracies))
       metrics[f"fewshot_{k}shot_accuracy_std"] = float(np.std(accuracies))
     return metrics
-
-
-def evaluate(params, model, config):
-  """Few-shot metrics of `model` with `params` on `config.fewshot` (uncached: prefer `FewShotEvaluator`)."""
-  return FewShotEvaluator(config)(params, model)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value")
-  if not FLAGS.checkpoint:
-    raise UserError("--checkpoint is required: a training workdir or a zoo .npz file")
-  trained = trained_model.load(FLAGS.checkpoint, model_name=FLAGS.model_name, image_size=FLAGS.image_size,
-                               with_class_names=False)
-  run = trained.run_config
-  if not FLAGS.dataset and run is None:
-    raise UserError("--dataset is required with a .npz checkpoint (a workdir remembers its dataset)")
-  try:
-    shots = tuple(int(k) for k in FLAGS.shots)
-  except ValueError:
-    raise UserError(f"--shots={','.join(FLAGS.shots)} must be integers, e.g. --shots=1,5,10,25") from None
-  config = ml_collections.ConfigDict({
-      "dataset": FLAGS.dataset or run.dataset,
-      "tfds_data_dir": FLAGS.tfds_data_dir or (run.get("tfds_data_dir") if run is not None else None),
-      "pp": {"crop": trained.pp.crop, "resize": trained.pp.resize},
-      "fewshot": {"train_split": FLAGS.train_split, "test_split": FLAGS.test_split, "shots": shots,
-                  "seeds": FLAGS.seeds, "l2_reg": DEFAULT_L2_REG if FLAGS.l2_reg is None else FLAGS.l2_reg},
-  })
-  metrics = evaluate(trained.params, trained.model, config)
-  result = {"checkpoint": trained.source, "dataset": config.dataset, **metrics}
-  text = json.dumps(result, indent=2)
-  print(text)
-  if FLAGS.output:
-    write_output(FLAGS.output, text + "\n")
-
-
-if __name__ == "__main__":
-  define_flags()
-  app.run(lambda argv: run_cli(main, argv))

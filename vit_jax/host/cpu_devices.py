@@ -2,36 +2,33 @@
 
 One XLA:CPU device runs a step as one chain of kernels; many of a small model's kernels are too small to keep
 every core busy, so cores idle between them. Several devices on the same cores run their shares of the batch
-side by side and fill those gaps: ViT-Ti-sized training runs ~1.2x faster with 2 devices per core, inference
-~1.25x (docs/benchmarks.md); for ViT-B/16 at 224 px it makes no difference. The cost is one copy of the
-training state per device, so `auto` splits only while the copies take at most a quarter of the host's memory,
-and only into counts that divide the batch sizes.
+side by side and fill those gaps (docs/benchmarks.md has the gain). The cost is one copy of the training state per
+device, so `auto` splits only while the copies take at most a quarter of the host's memory, and only into counts
+that divide the batch sizes.
 
-`vit_jax.main`, `vit_jax.evaluate`, `vit_jax.infer` and `vit_jax.benchmark` call `configure` (config key / flag `cpu_devices`). It
-must run before JAX creates its devices (the first JAX computation fixes them). A count set by the user, with
-`JAX_NUM_CPU_DEVICES` or XLA's `--xla_force_host_platform_device_count`, is kept; GPU and TPU runs are unaffected
-(only the CPU platform's device count changes).
+The entry points call `configure` through `vit_jax.host.split_cpu_devices` (config key `cpu_devices` of
+`vit_jax.main`, flag `--cpu_devices` of the tools), on CPU hosts only. It must run before JAX creates its devices
+(the first JAX computation fixes them). A count set by the user, with `JAX_NUM_CPU_DEVICES` or XLA's
+`--xla_force_host_platform_device_count`, is kept.
 """
 import math
 import os
 from typing import Iterable, Optional
 
 import jax
-from absl import flags, logging
+from absl import logging
 
 from vit_jax.errors import UserError
 
 AUTO = 0
-DEVICES_PER_CORE = 2  # measured best on a 2-core host: 1 -> 61-68 img/s, 2 -> 72-75, 4 -> 78-79, 8 -> 74
+DEVICES_PER_CORE = 2  # the best count measured on 2-core hosts (docs/benchmarks.md)
 MAX_AUTO_DEVICES = 8
 STATE_BYTES_PER_PARAM = 16  # float32 parameters and gradients and up to two optimizer moments
 MAX_STATE_FRACTION = 0.25  # of the host's memory, for all copies of the training state together
 
 
-def define_flag():
-  """The `--cpu_devices` flag of the CLIs that split (vit_jax.main has the config key instead)."""
-  flags.DEFINE_integer("cpu_devices", AUTO, "CPU only: devices the cores are split into (0: auto, as vit_jax.main "
-                       "does).")
+def bad_count(requested: int) -> UserError:
+  return UserError(f"cpu_devices={requested} must be 0 (auto) or a positive device count")
 
 
 def auto_count(*, cores: int, num_params: int, host_bytes: int, batch_sizes: Iterable[int],
@@ -88,7 +85,7 @@ def configure(requested: int, *, num_params: int, batch_sizes: Iterable[int],
   Returns the count set, or None when it was left alone (the user fixed it, or JAX has already started).
   """
   if requested < 0:
-    raise UserError(f"cpu_devices={requested} must be 0 (auto) or a positive device count")
+    raise bad_count(requested)
   if user_count() is not None:
     return None
   count = requested or auto_count(cores=host_cores(), num_params=num_params, host_bytes=host_memory_bytes(),

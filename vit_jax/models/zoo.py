@@ -1,0 +1,243 @@
+"""Model-zoo `.npz` checkpoints: load, save, adapt for fine-tuning, resample position embeddings.
+
+The zoo stores one array per parameter under its '/'-joined path. Files come in two naming generations: the
+original pre-Linen names (`MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3` inside each encoder block),
+which our modules use, and Linen-era names (`MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`), which
+`load` renames. Linen-era files also store GroupNorm scale/bias as (1, 1, 1, C); `load` squeezes them.
+"""
+import io
+import re
+import zipfile
+
+from absl import logging
+from etils import epath
+import flax
+import jax
+import numpy as np
+import scipy.ndimage
+
+from vit_jax.errors import UserError
+from vit_jax.models import geometry, vit
+
+ZOO_URL = "https://storage.googleapis.com/vit_models/"
+
+# Linen-era name -> pre-Linen (zoo) name, inside `Transformer/encoderblock_{i}/`.
+_LINEN_TO_ZOO_BLOCK_NAMES = {
+    "LayerNorm_0": "LayerNorm_0",
+    "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
+    "LayerNorm_1": "LayerNorm_2",
+    "MlpBlock_0": "MlpBlock_3",
+}
+_GROUPNORM_PARAM = re.compile(r"(^|/)gn(\d+|_root|_proj)/(scale|bias)$")
+ENCODER_BLOCK = re.compile(r"^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$")
+POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
+_RESIZE_METHODS = ("linear", "bicubic")
+
+
+def flatten(params):
+  return {"/".join(path): value for path, value in flax.traverse_util.flatten_dict(params).items()}
+
+
+def _unflatten(flat):
+  return flax.traverse_util.unflatten_dict({tuple(key.split("/")): value for key, value in flat.items()})
+
+
+def _to_zoo_names(flat):
+  """Renames Linen-era encoder-block submodules and squeezes (1, 1, 1, C) GroupNorm parameters."""
+  blocks_in_linen_naming = {m.group(1) for key in flat if (m := ENCODER_BLOCK.match(key))
+                            and m.group(2) in ("MultiHeadDotProductAttention_0", "MlpBlock_0")}
+  renamed = {}
+  for key, value in flat.items():
+    m = ENCODER_BLOCK.match(key)
+    if m and m.group(1) in blocks_in_linen_naming:
+      key = m.group(1) + "/" + _LINEN_TO_ZOO_BLOCK_NAMES.get(m.group(2), m.group(2)) + m.group(3)
+    if _GROUPNORM_PARAM.search(key) and value.ndim == 4:
+      value = value.reshape(value.shape[-1])
+    renamed[key] = value
+  return renamed
+
+
+def _read_npz(path):
+  """{key: array} of an `.npz` file, or a UserError saying what is wrong with the file."""
+  path = epath.Path(path)
+  if not str(path).endswith(".npz"):
+    raise UserError(f"checkpoint {path} is not an .npz file; pass a model-zoo .npz such as "
+                    f"{ZOO_URL}imagenet21k/ViT-B_16.npz (or the model.npz of a finished run)")
+  try:
+    data = path.read_bytes()
+  except FileNotFoundError:
+    raise UserError(f"checkpoint {path} does not exist; download a zoo file, e.g. "
+                    f"`wget {ZOO_URL}imagenet21k/ViT-B_16.npz`, and pass its path") from None
+  except OSError as e:
+    raise UserError(f"cannot read checkpoint {path}: {e}; check the path and its permissions") from None
+  except ImportError as e:  # etils needs a filesystem package for gs:// and other remote URLs
+    raise UserError(f"cannot read {path}: {e} (pip install 'vit_jax[gcs]'), or download the file and pass "
+                    "its local path") from None
+  try:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+      return {key: npz[key] for key in npz.files}
+  except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as e:
+    raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e}); "
+                    "download it again") from None
+
+
+def load(path):
+  """Nested dict of numpy arrays from a zoo `.npz` (local path or any etils-epath URL such as gs://)."""
+  flat = _to_zoo_names(_read_npz(path))
+  if not flat:
+    raise UserError(f"checkpoint {path} holds no arrays; download it again")
+  return _unflatten(flat)
+
+
+def save(params, path):
+  """Writes `params` as a zoo `.npz` (one array per '/'-joined path); `load(path)` gives them back bit for bit.
+
+  Parameters of a model with `scan_layers=True` are written in the zoo's per-layer layout.
+  """
+  params = vit.unstack_layers(flax.core.unfreeze(jax.device_get(params)))
+  flat = {key: np.asarray(value) for key, value in flatten(params).items()}
+  buffer = io.BytesIO()
+  np.savez(buffer, **flat)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # Write then rename, so a crash never leaves a half-written file under the final name.
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_bytes(buffer.getvalue())
+  tmp.replace(path)  # overwrites an existing file (`rename` refuses to)
+  return path
+
+
+def _square_side(n, what):
+  side = int(round(np.sqrt(n)))
+  if side * side != n:
+    raise UserError(f"{what} has {n} grid tokens, which is not a square grid; pass its grid shape explicitly")
+  return side
+
+
+def resize_grid(grid, shape, method="linear"):
+  """Resizes a (height, width, channels) grid of embeddings to `shape` = (new_height, new_width).
+
+  `linear` is `scipy.ndimage.zoom(grid, zoom, order=1)` itself, which the zoo's fine-tuning used (its results
+  depend on it); `bicubic` is `jax.image.resize`'s half-pixel bicubic (as timm's resizing).
+  """
+  if method not in _RESIZE_METHODS:
+    raise UserError(f"unknown position-embedding resize method {method!r}; use one of {', '.join(_RESIZE_METHODS)}")
+  grid = np.asarray(grid)
+  if method == "bicubic":
+    resized = jax.image.resize(grid.astype(np.float32), (*shape, grid.shape[-1]), "bicubic", antialias=False)
+    return np.asarray(resized).astype(grid.dtype)
+  zoom = (shape[0] / grid.shape[0], shape[1] / grid.shape[1], 1)
+  return scipy.ndimage.zoom(grid, zoom, order=1)
+
+
+def interpolate_posembed(posemb, num_tokens, has_class_token, *, grid_shape=None, source_grid_shape=None,
+                         method="linear"):
+  """Resamples position embeddings (1, tokens, D) to `num_tokens` tokens (class token included if present).
+
+  The class token's embedding is kept as is; the grid is resized in 2-D. Grids are square unless given:
+  `grid_shape` is the target (rows, cols), e.g. (24, 32) for a 384x512 image with patch 16, and
+  `source_grid_shape` the stored one.
+  """
+  posemb = np.asarray(posemb)
+  num_extra = int(has_class_token)
+  extra, grid = posemb[:, :num_extra], posemb[0, num_extra:]
+  if source_grid_shape is None:
+    side = _square_side(len(grid), "the stored position embedding")
+    source_grid_shape = (side, side)
+  if grid_shape is None:
+    side = _square_side(num_tokens - num_extra, "the target position embedding")
+    grid_shape = (side, side)
+  if tuple(source_grid_shape)[0] * tuple(source_grid_shape)[1] != len(grid):
+    raise UserError(f"source grid {tuple(source_grid_shape)} does not hold the {len(grid)} stored grid tokens")
+  if grid_shape[0] * grid_shape[1] + num_extra != num_tokens:
+    raise UserError(f"target grid {tuple(grid_shape)} plus {num_extra} class token does not make "
+                    f"{num_tokens} tokens")
+  grid = resize_grid(grid.reshape(*source_grid_shape, -1), grid_shape, method)
+  return np.concatenate([extra, grid.reshape(1, grid_shape[0] * grid_shape[1], -1)], axis=1)
+
+
+def _shape(x):
+  return tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
+
+
+def load_pretrained(*, pretrained_path, init_params, model_config, image_size=None, posemb_method="linear"):
+  """Pretrained parameters adapted to a new task, with the structure and shapes of `init_params`.
+
+  - the classification `head` comes from `init_params` (the class count usually differs);
+  - `pre_logits` is dropped when the model has no representation layer;
+  - position embeddings are resized to the model's grid (`image_size`, int or (height, width), is needed only
+    for non-square grids).
+  One log line per changed tensor. Any other missing or extra key, or shape mismatch, is a UserError naming it.
+  A model with `scan_layers=True` gets its encoder blocks stacked, as its `init_params` are.
+  """
+  restored = flatten(load(pretrained_path))
+  init_params = flax.core.unfreeze(init_params)
+  scanned = "encoderblock" in init_params.get("Transformer", {})
+  expected = flatten(vit.unstack_layers(init_params))
+  adapted = {}
+  for key in [k for k in restored if k.startswith("pre_logits/") and k not in expected]:
+    if model_config.get("representation_size") is None:
+      logging.info("load_pretrained: dropped %s %s (the model has no representation layer)", key,
+                   _shape(restored[key]))
+      del restored[key]
+  for key, init_value in expected.items():
+    if key.startswith("head/"):
+      logging.info("load_pretrained: %s %s from the new model (checkpoint had %s)", key, _shape(init_value),
+                   _shape(restored[key]) if key in restored else "none")
+      adapted[key] = init_value
+      restored.pop(key, None)
+      continue
+    if key not in restored:
+      raise UserError(f"checkpoint {pretrained_path} has no parameter {key} {_shape(init_value)} that model "
+                      f"{model_config.get('model_name')} needs; use the checkpoint of the same model")
+    value = restored.pop(key)
+    if _shape(value) != _shape(init_value):
+      if key != POSEMB_KEY:
+        raise UserError(f"parameter {key} has shape {_shape(value)} in {pretrained_path} but "
+                        f"{_shape(init_value)} in model {model_config.get('model_name')}; use the checkpoint "
+                        "of the same model")
+      if _shape(value)[-1] != _shape(init_value)[-1]:
+        raise UserError(f"parameter {key} has width {_shape(value)[-1]} in the checkpoint but "
+                        f"{_shape(init_value)[-1]} in model {model_config.get('model_name')}; use the checkpoint "
+                        "of the same model")
+      resized = resample_posemb(value, model_config, image_size, num_tokens=_shape(init_value)[1],
+                                method=posemb_method)
+      if resized.shape[1] != _shape(init_value)[1]:
+        raise UserError(f"image_size={image_size} gives {resized.shape[1]} tokens but the model's {key} has "
+                        f"{_shape(init_value)[1]}; pass the image size the model was initialised for")
+      logging.info("load_pretrained: resized %s %s -> %s (%s)", key, value.shape, resized.shape, posemb_method)
+      value = resized
+    adapted[key] = value
+  if restored:
+    extra = ", ".join(f"{k} {_shape(v)}" for k, v in sorted(restored.items())[:5])
+    raise UserError(f"checkpoint {pretrained_path} has {len(restored)} parameter(s) model "
+                    f"{model_config.get('model_name')} does not: {extra}; use the checkpoint of the same model")
+  adapted = _unflatten(adapted)
+  return vit.stack_layers(adapted) if scanned else adapted
+
+
+def resample_posemb(posemb, model_config, image_size=None, *, num_tokens=None, method="linear"):
+  """Position embeddings (1, tokens, D) resampled to the model's token grid: the grid of `image_size` (int or
+  (height, width)), or without it a square grid of `num_tokens` tokens. The one resampler of the package: fine-tuning
+  from the zoo, progressive resizing and the tools all call it. Unchanged when the length already fits."""
+  grid_shape = None
+  if image_size is not None:
+    grid_shape = geometry.grid_shape(model_config, image_size)
+    num_tokens = grid_shape[0] * grid_shape[1] + int(geometry.has_class_token(model_config))
+  if posemb.shape[1] == num_tokens:
+    return posemb
+  return interpolate_posembed(posemb, num_tokens, geometry.has_class_token(model_config), grid_shape=grid_shape,
+                              method=method)
+
+
+def shape_differences(got, want):
+  """(key, got shape, wanted shape) for each parameter whose shape differs between two {key: shape} maps (None
+  where a side lacks it). The position embedding's token count may differ: it is resampled to the model's grid."""
+  differences = []
+  for key in sorted(set(got) | set(want)):
+    g, w = got.get(key), want.get(key)
+    if key == POSEMB_KEY and g and w and g[-1] == w[-1]:
+      continue
+    if g != w:
+      differences.append((key, g, w))
+  return differences

@@ -1,0 +1,17 @@
+"""Training objectives by name (config key `trainer`): what a batch's loss is and what the loop evaluates.
+
+An objective is a small object with `from_config(config)`, `num_outputs(num_classes)` (the head size),
+`loss_fn(model, params, batch, rng) -> (loss, metrics)` and `classifies` (whether the classification evaluator
+applies); the loop in `vit_jax.train` does the rest (sharding, checkpoints, resume, logging, export) for all.
+"""
+from vit_jax.errors import UserError
+from vit_jax.objectives.supervised import Supervised
+
+OBJECTIVES = {"supervised": Supervised}
+
+
+def get(name):
+  """The objective class registered as `name`; a UserError listing the known names otherwise."""
+  if name not in OBJECTIVES:
+    raise UserError(f"unknown trainer {name!r}; use one of {', '.join(OBJECTIVES)}")
+  return OBJECTIVES[name]

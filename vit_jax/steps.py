@@ -1,0 +1,96 @@
+"""The train state and the jitted steps every training objective shares: init, train step, parameter count.
+
+An objective supplies `loss_fn(model, params, batch, rng) -> (loss, metrics)` for one (micro-)batch; everything
+else here (accumulation, the optimizer update, sharding, donation) is the same for every objective.
+"""
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vit_jax import sharding
+from vit_jax.models import geometry
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # base key; the key of step s is fold_in(rng, s), so a resumed run draws the same dropout
+
+
+def _images(image_size):
+  height, width = geometry.image_hw(image_size)
+  return jnp.zeros((1, height, width, 3), jnp.float32)
+
+
+def count_params(model, image_size) -> int:
+  """Parameters of `model` for images of `image_size`, from shapes alone: JAX's devices stay untouched."""
+  shapes = jax.eval_shape(lambda rng: model.init(rng, _images(image_size), train=False),
+                          jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+
+
+def make_init_fn(model, tx, image_size):
+  """seed -> TrainState for images of `image_size` (int or (height, width)); run it under
+  `jax.jit(out_shardings=...)` so every array is born sharded."""
+  def init(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init(init_rng, _images(image_size), train=False)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+  return init
+
+
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple]  # (model, params, batch, rng) -> (loss, {name: scalar})
+
+
+def make_train_step(model, tx, schedule, loss_fn: LossFn, *, mesh, state_shardings, accum_steps=1):
+  """jitted (state, batch) -> (state, metrics); the state is donated, so it is updated in place.
+
+  Metrics are the objective's (averaged over micro-batches) plus `learning_rate` and `grad_norm`. With
+  `accum_steps` > 1 the batch is split into micro-batches that a `lax.scan` runs one after the other, summing
+  gradients: memory stays that of one micro-batch, the update that of the whole batch.
+  """
+  batch_spec = P(sharding.BATCH_AXES)
+
+  def micro_step(params, batch, rng):
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: loss_fn(model, p, batch, rng), has_aux=True)(params)
+    return loss, metrics, grads
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    batch = dict(batch, image=jax.lax.with_sharding_constraint(batch["image"], NamedSharding(mesh, batch_spec)))
+    if accum_steps == 1:
+      loss, metrics, grads = micro_step(state.params, batch, rng)
+    else:
+      # Micro-batch i takes rows i, i + accum_steps, ...: every device keeps its own rows, nothing moves.
+      def split(x):
+        x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
+        return jax.lax.with_sharding_constraint(jnp.swapaxes(x, 0, 1), NamedSharding(mesh, P(None, *batch_spec)))
+
+      def accumulate(carry, micro):
+        index, micro_batch = micro
+        loss_i, metrics_i, grads_i = micro_step(state.params, micro_batch, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, (loss_i, metrics_i, grads_i)), None
+
+      shapes = jax.eval_shape(micro_step, state.params, jax.tree.map(lambda x: x[:x.shape[0] // accum_steps], batch),
+                              rng)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      (loss, metrics, grads), _ = jax.lax.scan(
+          accumulate, zeros, (jnp.arange(accum_steps), jax.tree.map(split, batch)))
+      loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"train_loss": loss, **metrics, "learning_rate": schedule(state.step),
+               "grad_norm": optax.tree.norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)

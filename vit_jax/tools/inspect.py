@@ -1,0 +1,80 @@
+"""Inspect a zoo `.npz` checkpoint: its parameter table, total count, and which registry model it is.
+
+  python -m vit_jax.tools.inspect FILE.npz
+"""
+import sys
+
+from clu import parameter_overview
+import jax
+import numpy as np
+
+from vit_jax import models
+from vit_jax.errors import UserError, run_cli
+from vit_jax.models import geometry, zoo
+
+
+def _shapes_of(name, num_classes, representation_size):
+  """Parameter shapes of registry model `name`, on a one-token-per-side-unit image (the grid is resized anyway)."""
+  config = models.get_model_config(name)
+  config.representation_size = representation_size
+  model = models.VisionTransformer(num_classes=num_classes, **config)
+  stride = geometry.stride(config)
+  images = jax.ShapeDtypeStruct((1, *stride, 3), np.float32)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)["params"]
+  return {key: tuple(v.shape) for key, v in zoo.flatten(shapes).items()}
+
+
+def _width_and_depth(name):
+  config = models.get_model_config(name)
+  return config.hidden_size, (config.get("transformer") or {}).get("num_layers", 0)
+
+
+def match_registry(flat_shapes):
+  """(name, None) of the registry model whose parameters these are, or (None, reason) for the closest one.
+
+  The head's class count, the representation layer and the position-embedding grid may differ from the
+  registry's defaults: they are what fine-tuning changes.
+  """
+  num_classes = flat_shapes["head/kernel"][-1] if "head/kernel" in flat_shapes else 0
+  representation = flat_shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in flat_shapes else None
+  # Only models of the file's width and depth can match or come close: tracing every registry model is slow.
+  hidden = flat_shapes["embedding/kernel"][-1] if "embedding/kernel" in flat_shapes else None
+  depth = len({m.group(1) for key in flat_shapes if (m := zoo.ENCODER_BLOCK.match(key))})
+  candidates = [name for name in models.model_names() if hidden is None or _width_and_depth(name) == (hidden, depth)]
+  if not candidates:
+    return None, f"no registry model has hidden size {hidden} and {depth} encoder blocks"
+  best = None
+  for name in candidates:
+    want_shapes = _shapes_of(name, num_classes, representation)
+    differences = [f"{key}: file {got or 'missing'}, {name} {want or 'missing'}"
+                   for key, got, want in zoo.shape_differences(flat_shapes, want_shapes)]
+    if not differences:
+      return name, None
+    if best is None or len(differences) < best[0]:
+      best = (len(differences), name, differences)
+  count, name, differences = best
+  return None, f"closest is {name} with {count} difference(s), first: {differences[0]}"
+
+
+def inspect(path):
+  """Prints the parameter table, the total count and the registry model the file matches."""
+  params = zoo.load(path)
+  flat = zoo.flatten(params)
+  print(parameter_overview.get_parameter_overview(params, include_stats=False))
+  print(f"parameters: {sum(int(np.prod(v.shape)) for v in flat.values()):,}")
+  name, reason = match_registry({key: tuple(v.shape) for key, v in flat.items()})
+  print(f"model: {name}" if name else f"model: no registry model matches; {reason}")
+  if zoo.POSEMB_KEY in flat:
+    print(f"position embedding: {flat[zoo.POSEMB_KEY].shape[1]} tokens")
+  if "head/kernel" in flat:
+    print(f"classes: {flat['head/kernel'].shape[-1]}")
+
+
+def main(argv):
+  if len(argv) != 1:
+    raise UserError("usage: python -m vit_jax.tools.inspect FILE.npz")
+  inspect(argv[0])
+
+
+if __name__ == "__main__":
+  run_cli(main, sys.argv[1:])

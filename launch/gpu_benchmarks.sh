@@ -47,7 +47,7 @@ esac
 failed=0
 for flags in "${runs[@]}"; do
   read -ra words <<<"$flags"
-  command=("$python" -m vit_jax.benchmark "${common[@]}" "${words[@]}")
+  command=("$python" -m vit_jax.tools.benchmark "${common[@]}" "${words[@]}")
   if $dry_run; then
     print_command "${command[@]}"
     continue

@@ -3,7 +3,7 @@
 # multi-process run, the same code path as a TPU pod or GPU cluster, on one laptop. The tests use it.
 #
 #   launch/local.sh 2 --config=configs/quickstart.py --workdir=runs/mp      # 2 processes x 4 devices
-#   launch/local.sh 2 --module=vit_jax.distributed                          # smoke test: psum over 8 devices
+#   launch/local.sh 2 --module=vit_jax.tools.check_distributed               # smoke test: psum over 8 devices
 #
 # Process i gets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, which vit_jax.distributed.initialize
 # reads (equivalent to --coordinator_address/--num_processes/--process_id). Process 0 writes to this terminal,

@@ -23,3 +23,7 @@ def pytest_unconfigure(config):
   del config
   if _CREATED_CACHE:
     shutil.rmtree(_CREATED_CACHE, ignore_errors=True)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: end-to-end runs and subprocesses; `pytest -m 'not slow'` skips them")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vit_jax import allocator
+from vit_jax.host import allocator
 from vit_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,8 +89,8 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
 _PROBE = r"""
 import ctypes, json, os, resource, sys
 print(json.dumps({"start": os.getpid()}), flush=True)
-from vit_jax import allocator
-allocator.reexec_with_fast_allocator()
+from vit_jax.host import allocator
+restarted = allocator.reexec_with_fast_allocator()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -116,7 +116,7 @@ with open("/proc/self/smaps") as f:
 mapped = open("/proc/self/maps").read()
 inherited = {k: v for k, v in os.environ.items() if k in ("LD_PRELOAD", "GLIBC_TUNABLES") or "ALLOCATOR" in k
              or k.startswith("MIMALLOC_")}
-print(json.dumps({"allocator": allocator.describe(), "mimalloc_mapped": "libmimalloc" in mapped,
+print(json.dumps({"allocator": allocator.describe(restarted), "mimalloc_mapped": "libmimalloc" in mapped,
                   "second_block_faults": faults, "advised": advised, "environment": inherited}), flush=True)
 """
 

@@ -1,4 +1,4 @@
-"""The benchmark CLI runs the real train step and inference and reports consistent figures (no speed asserted)."""
+"""vit_jax.tools.benchmark runs the real train step and inference and reports consistent figures (no speed asserted)."""
 import json
 import os
 import platform
@@ -8,13 +8,14 @@ import sys
 import pytest
 
 from tests import xla_flags
-from vit_jax import allocator
+from vit_jax.host import allocator
 from vit_jax.errors import UserError
 
 
-def run_benchmark(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.cpu_devices(2))
-  return subprocess.run([sys.executable, "-m", "vit_jax.benchmark", "--model_name=testing", "--image_size=32",
+def run_benchmark(*args, **environ):
+  env = {k: v for k, v in os.environ.items() if k != "VIT_JAX_PEER_DIR"}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.cpu_devices(2), **environ)
+  return subprocess.run([sys.executable, "-m", "vit_jax.tools.benchmark", "--model_name=testing", "--image_size=32",
                          "--batch=4", "--num_classes=10", "--steps=2", "--warmup=1", *args],
                         capture_output=True, text=True, env=env, timeout=300)
 
@@ -28,7 +29,7 @@ def test_benchmark_reports_one_json_line(mode, extra):
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["mode"] == mode and report["devices"] == 2
   if platform.system() == "Linux" and allocator.mimalloc_library() and "VIT_JAX_ALLOCATOR" not in os.environ:
-    assert report["allocator"] == "mimalloc"  # the CLI restarted itself with it (vit_jax.allocator)
+    assert report["allocator"] == "mimalloc"  # the CLI restarted itself with it (vit_jax.host.allocator)
   # step_ms is rounded to 0.01 ms: a sub-millisecond step leaves a few percent of rounding in the ratio.
   assert report["step_ms"] > 0 and report["img_per_sec"] == pytest.approx(4 / report["step_ms"] * 1e3, rel=0.05)
   assert 0 < report["mfu"] == pytest.approx(report["tflops_per_sec"] / report["peak_tflops_per_sec"], rel=0.05)
@@ -50,11 +51,41 @@ def test_benchmark_bad_input_is_one_error_line():
   assert result.stderr.startswith("error: batch=3 is not divisible") and len(result.stderr.splitlines()) == 1
 
 
-def test_peer_arguments_are_checked_before_the_benchmark_runs():
-  result = run_benchmark("--peer_python=/nonexistent/python", "--num_classes=1000")
-  assert result.returncode == 2
-  assert "--num_classes=10" in result.stderr or "peer script not found" in result.stderr
-  assert len(result.stderr.strip().splitlines()) == 1
+def one_error_line(result):
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), lines[-3:]
+  return lines[0]
+
+
+FAKE_PEER = """import json, os, sys
+print("timm warming up")
+print(json.dumps({"img_per_sec": 50.0, "argv": sys.argv[1:], "pythonpath": os.environ.get("PYTHONPATH")}))
+"""
+
+
+def test_peer_arguments_are_checked_before_the_benchmark_runs(tmp_path):
+  peer = ("--peer_python=/nonexistent/python",)
+  assert "--peer_dir" in one_error_line(run_benchmark(*peer))  # no --peer_dir and no VIT_JAX_PEER_DIR
+  assert "peer script not found" in one_error_line(run_benchmark(*peer, f"--peer_dir={tmp_path}"))
+  (tmp_path / "timm_bench.py").write_text(FAKE_PEER)
+  assert "--num_classes=10" in one_error_line(run_benchmark(*peer, "--num_classes=1000",
+                                                            VIT_JAX_PEER_DIR=str(tmp_path)))
+  assert "no timm twin for testing" in one_error_line(run_benchmark(*peer, f"--peer_dir={tmp_path}"))
+
+
+def test_peer_runs_on_the_same_shape_after_the_benchmark(tmp_path):
+  """A stand-in timm_bench.py (the real one needs a torch venv): the command line and environment it gets."""
+  (tmp_path / "timm_bench.py").write_text(FAKE_PEER)
+  result = run_benchmark(f"--peer_python={sys.executable}", "--model_name=ViT-Ti_16", "--mode=infer",
+                         "--dtype=float32", VIT_JAX_PEER_DIR=str(tmp_path))
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  peer = report["peer"]
+  assert " ".join(peer["argv"]) == ("--mode infer --dtype f32 --batch 4 --image_size 32 --patch 16 --name "
+                                    "vit_tiny_patch16_224 --steps 2 --warmup 1")
+  assert peer["pythonpath"] == str(tmp_path / "tv_stub")
+  assert report["speedup_vs_peer"] == round(report["img_per_sec"] / 50.0, 2)
 
 
 @pytest.mark.parametrize("peak", [lambda b: 1000 + 37 * b,  # affine, as XLA's peak nearly is
@@ -64,7 +95,7 @@ def test_peer_arguments_are_checked_before_the_benchmark_runs():
 @pytest.mark.parametrize("step", [1, 8])
 @pytest.mark.parametrize("limit", [5_000, 100_000, 3_000_000])
 def test_largest_batch_matches_a_linear_scan(peak, step, limit):
-  from vit_jax.benchmark import SEARCH_TOLERANCE, largest_batch  # pylint: disable=g-import-not-at-top
+  from vit_jax.tools.benchmark import SEARCH_TOLERANCE, largest_batch  # pylint: disable=g-import-not-at-top
   if peak(step) > limit:
     with pytest.raises(UserError, match=f"even batch={step}"):
       largest_batch(peak, step=step, limit=limit)

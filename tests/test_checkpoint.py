@@ -190,7 +190,7 @@ def test_bad_checkpoint_files(tmp_path):
 
 
 def run_inspect(*args):
-  return subprocess.run([sys.executable, "-m", "vit_jax.checkpoint", "inspect", *args], capture_output=True,
+  return subprocess.run([sys.executable, "-m", "vit_jax.tools.inspect", *args], capture_output=True,
                         text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
 
 

@@ -12,12 +12,17 @@ from safetensors import safe_open
 
 from tests import numpy_vit
 from tests.test_infer import random_params
-from vit_jax import checkpoint, convert, models
+from vit_jax import models
+from vit_jax.models import zoo
+from vit_jax.tools import convert
 from vit_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The timm cross-check needs a torch + timm venv in the checkout (`.peer`, git-ignored) and the peer's folder
+# (its `tv_stub/` stands in for torchvision) in VIT_JAX_PEER_DIR; without either it is skipped.
 PEER_PYTHON = os.path.join(REPO, ".peer", "bin", "python")
-PEER_STUB = "/work/shared/peer/tv_stub"
+PEER_DIR = os.environ.get("VIT_JAX_PEER_DIR")
+PEER_STUB = os.path.join(PEER_DIR, "tv_stub") if PEER_DIR else None
 
 # name, overrides, image size: a plain ViT, a gap ViT, a hybrid with stages and a stem-only hybrid.
 MODELS = {
@@ -37,7 +42,7 @@ def make_checkpoint(tmp_path, key, num_classes=5):
   model = models.get_model(name, num_classes=num_classes, **overrides)
   params = random_params(model, size)
   path = str(tmp_path / f"{key}.npz")
-  checkpoint.save(params, path)
+  zoo.save(params, path)
   images = np.random.default_rng(1).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
   logits = np.asarray(jax.jit(model.apply)({"params": params}, images))
   return path, model, params, images, logits
@@ -160,14 +165,14 @@ def test_timm_layout_names_and_shapes():
 def test_representation_layer_cannot_be_exported(tmp_path):
   model = models.get_model("testing", num_classes=3, representation_size=8, patches=dict(size=(4, 4)))
   params = random_params(model, 8)
-  checkpoint.save(params, str(tmp_path / "rep.npz"))
+  zoo.save(params, str(tmp_path / "rep.npz"))
   with pytest.raises(ValueError, match="pre_logits"):
     convert.export_timm(str(tmp_path / "rep.npz"), str(tmp_path / "rep.safetensors"))
 
 
 def test_cli_both_directions_and_errors(tmp_path):
   path, *_ = make_checkpoint(tmp_path, "vit")
-  run = lambda *args: subprocess.run([sys.executable, "-m", "vit_jax.convert", *args], capture_output=True,
+  run = lambda *args: subprocess.run([sys.executable, "-m", "vit_jax.tools.convert", *args], capture_output=True,
                                      text=True, cwd=REPO, timeout=120)
   out = run(f"--input={path}", f"--output={tmp_path / 'm.safetensors'}")
   assert out.returncode == 0, out.stderr
@@ -199,7 +204,7 @@ def test_import_errors_and_foreign_files(tmp_path):
     convert.timm_to_zoo({"blocks.0.ls1.gamma": np.zeros(4)}, num_heads=1)
 
 
-# --- timm itself, where the peer venv exists (bash /work/shared/peer/setup.sh .peer) ------------------------------
+# --- timm itself, where the peer venv exists (bash $VIT_JAX_PEER_DIR/setup.sh .peer) -------------------------------
 
 TIMM_SCRIPT = r"""
 import functools, json, sys
@@ -234,13 +239,13 @@ with torch.no_grad():
 
 
 def _peer_available():
-  if not os.path.exists(PEER_PYTHON):
+  if not PEER_STUB or not os.path.isdir(PEER_STUB) or not os.path.exists(PEER_PYTHON):
     return False
   return subprocess.run([PEER_PYTHON, "-c", "import torch, timm"], capture_output=True,
                         env={**os.environ, "PYTHONPATH": PEER_STUB}).returncode == 0
 
 
-@pytest.mark.skipif(not _peer_available(), reason="no .peer venv with torch and timm")
+@pytest.mark.skipif(not _peer_available(), reason="needs a .peer venv with torch and timm, and VIT_JAX_PEER_DIR")
 @pytest.mark.parametrize("key", ["vit", "gap", "hybrid"])
 def test_timm_loads_strictly_and_matches(tmp_path, key):
   path, _, _, images, logits = make_checkpoint(tmp_path, key)

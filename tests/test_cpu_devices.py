@@ -9,7 +9,7 @@ from PIL import Image
 import pytest
 
 from tests import xla_flags
-from vit_jax import cpu_devices
+from vit_jax.host import cpu_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2 ** 30
@@ -34,7 +34,7 @@ def test_auto_count(cores, num_params, batch_sizes, mesh_sizes, expected):
 def _devices_in_fresh_process(code, **env):
   environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
   environ.update(env)
-  script = ("import json, jax\nfrom vit_jax import cpu_devices\n" + code +
+  script = ("import json, jax\nfrom vit_jax.host import cpu_devices\n" + code +
             "\nprint(json.dumps({'set': count, 'devices': jax.device_count()}))")
   result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environ, capture_output=True, text=True,
                           timeout=120, check=False)
@@ -80,8 +80,8 @@ def test_main_evaluate_and_infer_split_by_default_and_a_bad_count_is_one_error_l
   with open(tmp_path / "run" / "config.json", encoding="utf-8") as f:
     assert json.load(f)["cpu_devices"] == 0
   # The evaluate CLI splits the same way (its batch is rounded up to the device count, so only memory limits it).
-  result = subprocess.run([sys.executable, "-m", "vit_jax.evaluate", f"--checkpoint={tmp_path / 'run'}"], cwd=ROOT,
-                          env=environ, capture_output=True, text=True, timeout=240, check=False)
+  result = subprocess.run([sys.executable, "-m", "vit_jax.tools.evaluate", f"--checkpoint={tmp_path / 'run'}"],
+                          cwd=ROOT, env=environ, capture_output=True, text=True, timeout=240, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   expected = cpu_devices.auto_count(cores=cpu_devices.host_cores(), num_params=200_000,
                                     host_bytes=cpu_devices.host_memory_bytes(), batch_sizes=())
@@ -90,8 +90,9 @@ def test_main_evaluate_and_infer_split_by_default_and_a_bad_count_is_one_error_l
   # So does the infer CLI (--batch_size=1 is rounded up to the device count: one batch, padding masked out).
   for i in range(3):
     Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"digit{i}.png")
-  result = subprocess.run([sys.executable, "-m", "vit_jax.infer", f"--checkpoint={tmp_path / 'run'}", "--batch_size=1",
-                           *(str(tmp_path / f"digit{i}.png") for i in range(3))], cwd=ROOT, env=environ,
+  result = subprocess.run([sys.executable, "-m", "vit_jax.tools.infer", f"--checkpoint={tmp_path / 'run'}",
+                           "--batch_size=1", *(str(tmp_path / f"digit{i}.png") for i in range(3))], cwd=ROOT,
+                          env=environ,
                           capture_output=True, text=True, timeout=240, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"CPU devices: {expected} (auto" in result.stderr

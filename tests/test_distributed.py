@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import portpicker
 import pytest
 
@@ -24,14 +23,14 @@ def process_env(devices=4, **extra):
 
 
 def reported(stdout):
-  """The JSON line `python -m vit_jax.distributed` prints (gloo writes its own lines to stdout too)."""
+  """The JSON line `python -m vit_jax.tools.check_distributed` prints (gloo writes its own lines to stdout too)."""
   found = re.findall(r'\{"process_index".*?"process_ids": \[[0-9, ]*\]\}', stdout)
   assert found, stdout
   return json.loads(found[-1])
 
 
 def start(args, env):
-  return subprocess.Popen([sys.executable, "-m", "vit_jax.distributed", *args], cwd=ROOT, env=env,
+  return subprocess.Popen([sys.executable, "-m", "vit_jax.tools.check_distributed", *args], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -141,9 +140,9 @@ def test_two_process_run_writes_once(two_process_run):
 def test_eval_over_two_processes_equals_one_process(two_process_run):
   """The same parameters evaluated by 1 process x 8 devices: the same exact loss and accuracy."""
   workdir, metrics, _ = two_process_run
-  result = subprocess.run([sys.executable, "-m", "vit_jax.evaluate", f"--checkpoint={workdir}", "--batch_size=120"],
-                          cwd=ROOT, env=process_env(devices=8), capture_output=True, text=True, timeout=300,
-                          check=False)
+  result = subprocess.run([sys.executable, "-m", "vit_jax.tools.evaluate", f"--checkpoint={workdir}",
+                           "--batch_size=120"], cwd=ROOT, env=process_env(devices=8), capture_output=True, text=True,
+                          timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   single = json.loads(result.stdout[result.stdout.index("{"):])
   assert single["accuracy"] == pytest.approx(metrics[-1]["test_accuracy"], abs=1e-6)

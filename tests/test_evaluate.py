@@ -1,21 +1,22 @@
-"""vit_jax.evaluate: exact accuracy and loss over a split, checked against a numpy forward over every example."""
+"""vit_jax.tools.evaluate: exact accuracy and loss over a split, checked against a numpy forward over every example."""
 import json
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests import numpy_vit
 from tests.test_infer import CROP, error_line, flat, make_workdir, random_params, run_cli, tiny_model
-from vit_jax import data, evaluate, fewshot, trained_model
+from vit_jax import data
+from vit_jax.evaluators import fewshot
+from vit_jax.tools import cli, evaluate, trained_model
 from vit_jax.errors import UserError
 
 
 def digits_split(split):
   """(images [n, CROP, CROP, 3] in [-1, 1], labels): the raw 8x8 digits resized with PIL, independently."""
-  source = data.open_source(ml_collections.ConfigDict({"dataset": "digits"}), split)
+  source = data.open_source("digits", split)
   records = [source[i] for i in range(len(source))]
   images = np.stack([np.asarray(Image.fromarray(r["image"]).resize((CROP, CROP), Image.BILINEAR), np.float32)
                      for r in records]) / 127.5 - 1
@@ -44,9 +45,8 @@ def test_evaluate_is_exact_over_the_split(trained_workdir):
   workdir, params = trained_workdir
   trained = trained_model.load(workdir, with_class_names=False)
   # 360 test images in batches of 64 (rounded to the 8 devices): the last batch is padded and masked.
-  config = evaluate.eval_config(trained, batch_size=60)
-  assert config.batch_eval == 64
-  result = evaluate.evaluate(trained, config)
+  assert cli.device_batch(60) == 64
+  result = evaluate.evaluate(trained, batch_size=60)
   images, labels = digits_split("test")
   logits = numpy_vit.forward(flat(params), images, num_heads=4)
   log_probs = logits - logits.max(1, keepdims=True)
@@ -66,19 +66,24 @@ def test_errors(trained_workdir, tmp_path):
       (root / split / name).mkdir(parents=True)
       Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / split / name / "x.png")
   with pytest.raises(UserError, match="has 3 classes but checkpoint"):
-    evaluate.evaluate(trained, evaluate.eval_config(trained, dataset=str(root)))
+    evaluate.evaluate(trained, dataset=str(root))
   with pytest.raises(UserError, match="--dataset is required"):
-    evaluate.eval_config(trained_model.load(f"{workdir}/model.npz"))
+    evaluate.evaluate(trained_model.load(f"{workdir}/model.npz"))
   with pytest.raises(UserError, match="batch_size"):
-    evaluate.eval_config(trained, batch_size=0)
+    evaluate.evaluate(trained, batch_size=0)
 
 
 def test_cli(trained_workdir, tmp_path):
   workdir, _ = trained_workdir
-  out = run_cli("vit_jax.evaluate", f"--checkpoint={workdir}/model.npz", "--dataset=digits", "--split=test[:50]",
+  out = run_cli("vit_jax.tools.evaluate", f"--checkpoint={workdir}/model.npz", "--dataset=digits", "--split=test[:50]",
                 "--batch_size=16", f"--output={tmp_path / 'r.json'}")
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout)
   assert result["num_examples"] == 50 and 0 <= result["accuracy"] <= 1 and result["split"] == "test[:50]"
   assert json.loads((tmp_path / "r.json").read_text()) == result
-  assert "--dataset is required" in error_line(run_cli("vit_jax.evaluate", f"--checkpoint={workdir}/model.npz"))
+  assert "--dataset is required" in error_line(run_cli("vit_jax.tools.evaluate", f"--checkpoint={workdir}/model.npz"))
+  # cli.run: positional arguments a tool does not take, and a bad flag value, are one error line each.
+  assert "unexpected arguments stray" in error_line(run_cli("vit_jax.tools.evaluate", f"--checkpoint={workdir}",
+                                                            "stray"))
+  line = error_line(run_cli("vit_jax.tools.evaluate", f"--checkpoint={workdir}", "--batch_size=many"))
+  assert line.startswith("error: bad command-line flag") and "batch_size" in line

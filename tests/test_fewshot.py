@@ -1,14 +1,14 @@
-"""Few-shot linear probe: the closed-form ridge solution, the shot draws, and the evaluator on `digits`."""
+"""Few-shot linear probe: the closed-form ridge solution, the shot draws, the evaluator on `digits`
+(vit_jax.evaluators.fewshot) and its tool (vit_jax.tools.fewshot)."""
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 
 from tests import numpy_vit
 from tests.test_evaluate import digits_split
-from tests.test_infer import flat, make_workdir, random_params, run_cli, tiny_model
-from vit_jax import fewshot
+from tests.test_infer import error_line, flat, make_workdir, random_params, run_cli, tiny_model
+from vit_jax.evaluators import fewshot
 from vit_jax.errors import UserError
 
 
@@ -48,9 +48,8 @@ def test_draw_shots_are_per_class_nested_and_checked():
 def digits_evaluation():
   model = tiny_model()
   params = random_params(model)
-  config = ml_collections.ConfigDict({"dataset": "digits", "pp": {"crop": 16, "resize": None},
-                                      "fewshot": {"shots": (1, 5, 10), "seeds": 2, "batch": 128}})
-  evaluator = fewshot.FewShotEvaluator(config)
+  evaluator = fewshot.FewShotEvaluator(dataset="digits", pp={"crop": 16, "resize": None}, shots=(1, 5, 10), seeds=2,
+                                       batch=128)
   return model, params, evaluator, evaluator(params, model)
 
 
@@ -79,7 +78,7 @@ def test_digits_few_shot_beats_chance_and_matches_hand_computation(digits_evalua
   assert metrics["fewshot_5shot_accuracy"] == pytest.approx(np.mean(accuracies), abs=1.5 / 360)
 
 
-def test_evaluate_function_and_unpooled_model(digits_evaluation):
+def test_evaluator_is_deterministic_and_refuses_unpooled_models(digits_evaluation):
   model, params, evaluator, metrics = digits_evaluation
   assert evaluator(params, model) == metrics  # deterministic, cached images
   unpooled = tiny_model(num_classes=0, classifier="unpooled")
@@ -87,15 +86,17 @@ def test_evaluate_function_and_unpooled_model(digits_evaluation):
   with pytest.raises(UserError, match="pooled model"):
     evaluator(unpooled_params, unpooled)
   with pytest.raises(UserError, match="shots"):
-    fewshot.FewShotEvaluator(ml_collections.ConfigDict({"dataset": "digits", "pp": {"crop": 16},
-                                                        "fewshot": {"shots": (0,)}}))
+    fewshot.FewShotEvaluator(dataset="digits", pp={"crop": 16}, shots=(0,))
 
 
 def test_cli(tmp_path):
   workdir, _ = make_workdir(tmp_path / "run")
-  out = run_cli("vit_jax.fewshot", f"--checkpoint={workdir}", "--shots=1,5", "--seeds=1",
+  out = run_cli("vit_jax.tools.fewshot", f"--checkpoint={workdir}", "--shots=1,5", "--seeds=1",
                 f"--output={tmp_path / 'f.json'}")
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout)
   assert result["dataset"] == "digits" and 0 <= result["fewshot_5shot_accuracy"] <= 1
   assert json.loads((tmp_path / "f.json").read_text()) == result
+  assert "--dataset is required" in error_line(run_cli("vit_jax.tools.fewshot", f"--checkpoint={workdir}/model.npz"))
+  assert "--shots=1,x must be integers" in error_line(run_cli("vit_jax.tools.fewshot", f"--checkpoint={workdir}",
+                                                                "--shots=1,x"))

@@ -1,4 +1,5 @@
-"""vit_jax.infer and vit_jax.trained_model: checkpoints from workdirs and bare .npz files, top-k on image files."""
+"""vit_jax.tools.infer and vit_jax.tools.trained_model: checkpoints from workdirs and bare .npz files, top-k on image
+files."""
 import json
 import os
 import subprocess
@@ -12,7 +13,10 @@ import pytest
 from PIL import Image
 
 from tests import numpy_vit
-from vit_jax import checkpoint, image_files, infer, models, trained_model
+from vit_jax import models
+from vit_jax.data import files
+from vit_jax.models import zoo
+from vit_jax.tools import infer, trained_model
 from vit_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +44,7 @@ def make_workdir(path, params=None, dataset="digits", loss="softmax_xent"):
   """A finished-run workdir as training leaves it: config.json and model.npz."""
   os.makedirs(path, exist_ok=True)
   params = random_params(tiny_model()) if params is None else params
-  checkpoint.save(params, os.path.join(path, "model.npz"))
+  zoo.save(params, os.path.join(path, "model.npz"))
   config = {"model_name": "testing", "model": OVERRIDES, "dataset": dataset, "loss": loss,
             "pp": {"train": "train", "test": "test", "crop": CROP, "resize": None}}
   with open(os.path.join(path, "config.json"), "w") as f:
@@ -76,13 +80,13 @@ def setup(tmp_path_factory):
 
 def test_image_files_use_the_test_preprocessing(setup):
   _, _, images = setup
-  image, reason = image_files.load(str(images / "rgb.png"), {"crop": CROP, "resize": None})
+  image, reason = files.load(str(images / "rgb.png"), {"crop": CROP, "resize": None})
   assert reason is None
   # Independent: PIL's bilinear resize of the whole image, scaled to [-1, 1].
   expected = np.asarray(Image.open(images / "rgb.png").convert("RGB").resize((CROP, CROP), Image.BILINEAR),
                         np.float32) / 127.5 - 1
   np.testing.assert_allclose(image, expected, atol=1e-6)
-  image, reason = image_files.load(str(images / "broken.jpg"), {"crop": CROP, "resize": None})
+  image, reason = files.load(str(images / "broken.jpg"), {"crop": CROP, "resize": None})
   assert image is None and reason
 
 
@@ -90,13 +94,13 @@ def test_predict_files_matches_numpy_forward_and_skips_corrupt(setup):
   workdir, params, images = setup
   trained = trained_model.load(workdir)
   assert trained.class_names == tuple(str(i) for i in range(10))  # from the digits dataset of the run
-  paths, any_folder = image_files.expand([str(images)])
+  paths, any_folder = files.expand([str(images)])
   assert any_folder and len(paths) == 4
   predictions, skipped = infer.predict_files(trained, paths, k=3, batch_size=2)
   assert [p for p, _ in skipped] == [str(images / "broken.jpg")]
   assert [p["path"] for p in predictions] == [str(images / n) for n in ("rgb.png", "rgba.png", "sub/grey.jpg")]
   for prediction in predictions:
-    image, _ = image_files.load(prediction["path"], {"crop": CROP, "resize": None})
+    image, _ = files.load(prediction["path"], {"crop": CROP, "resize": None})
     logits = numpy_vit.forward(flat(params), image[None], num_heads=4)[0]
     probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     expected = np.argsort(-probabilities)[:3]
@@ -117,7 +121,7 @@ def test_bare_npz_architecture_is_read_off_shapes(setup, tmp_path):
   model = models.get_model("R+ViT-Ti_16", num_classes=3, hidden_size=32, classifier="gap",
                            transformer=dict(num_layers=1, mlp_dim=16, num_heads=2))
   hybrid = random_params(model, size=32)
-  checkpoint.save(hybrid, tmp_path / "hybrid.npz")
+  zoo.save(hybrid, tmp_path / "hybrid.npz")
   loaded = trained_model.load(str(tmp_path / "hybrid.npz"))
   assert loaded.model_config.classifier == "gap" and tuple(loaded.model_config.resnet.num_layers) == ()
   assert loaded.image_size == 32
@@ -128,9 +132,9 @@ def test_new_resolution_interpolates_position_embeddings(setup):
   trained = trained_model.load(workdir, image_size=24)
   posemb = trained.params["Transformer"]["posembed_input"]["pos_embedding"]
   assert posemb.shape == (1, 1 + 6 * 6, 32)
-  np.testing.assert_array_equal(posemb, checkpoint.interpolate_posembed(
+  np.testing.assert_array_equal(posemb, zoo.interpolate_posembed(
       params["Transformer"]["posembed_input"]["pos_embedding"], 37, True))
-  assert trained.pp.crop == 24
+  assert trained.pp == {"crop": 24, "resize": None}
   image = np.random.default_rng(0).uniform(-1, 1, (1, 24, 24, 3)).astype(np.float32)
   np.testing.assert_allclose(jax.jit(trained.model.apply)({"params": trained.params}, image),
                              numpy_vit.forward(flat(trained.params), image, num_heads=4), atol=1e-4)
@@ -155,7 +159,7 @@ def test_workdir_with_speed_options_loads_as_a_plain_model(setup, tmp_path):
 def test_cli_end_to_end(setup, tmp_path):
   workdir, _, images = setup
   output = tmp_path / "preds.jsonl"
-  result = run_cli("vit_jax.infer", f"--checkpoint={workdir}", "--top_k=2", f"--output={output}", str(images))
+  result = run_cli("vit_jax.tools.infer", f"--checkpoint={workdir}", "--top_k=2", f"--output={output}", str(images))
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.strip().splitlines()
   assert len(lines) == 3 and lines[0].startswith(str(images / "rgb.png") + ": ")
@@ -166,15 +170,15 @@ def test_cli_end_to_end(setup, tmp_path):
 
   labels = tmp_path / "labels.txt"
   labels.write_text("\n".join(f"digit-{i}" for i in range(10)))
-  result = run_cli("vit_jax.infer", f"--checkpoint={workdir}/model.npz", f"--labels={labels}", "--image_size=24",
-                   str(images / "rgb.png"))
+  result = run_cli("vit_jax.tools.infer", f"--checkpoint={workdir}/model.npz", f"--labels={labels}",
+                   "--image_size=24", str(images / "rgb.png"))
   assert result.returncode == 0, result.stderr[-2000:]
   assert "digit-" in result.stdout
 
 
 def test_cli_strict_fails_with_one_error_line(setup):
   workdir, _, images = setup
-  assert "broken.jpg" in error_line(run_cli("vit_jax.infer", f"--checkpoint={workdir}", "--strict", str(images)))
+  assert "broken.jpg" in error_line(run_cli("vit_jax.tools.infer", f"--checkpoint={workdir}", "--strict", str(images)))
 
 
 def test_user_errors(setup, tmp_path):
@@ -189,9 +193,9 @@ def test_user_errors(setup, tmp_path):
   with pytest.raises(UserError, match="does not exist"):
     trained_model.load(f"{tmp_path}/nope.npz")
   with pytest.raises(UserError, match="does not exist"):
-    image_files.expand([str(tmp_path / "x.png")])
+    files.expand([str(tmp_path / "x.png")])
   with pytest.raises(UserError, match="no image files"):
-    image_files.expand([str(tmp_path)])
+    files.expand([str(tmp_path)])
   (tmp_path / "run").mkdir()
   with pytest.raises(UserError, match="no config.json"):
     trained_model.load(str(tmp_path / "run"))

@@ -59,7 +59,7 @@ def test_bad_arguments(script, args, message):
 def test_gpu_benchmarks_dry_run():
   result = launch("gpu_benchmarks.sh", "large", "/tmp/out.jsonl", "--dry-run", env=dict(os.environ, PYTHON="python3"))
   assert result.returncode == 0, result.stderr
-  common = "python3 -m vit_jax.benchmark --dtype=bfloat16 --num_classes=1000 --image_size=224 --warmup=3 --steps=10"
+  common = "python3 -m vit_jax.tools.benchmark --dtype=bfloat16 --num_classes=1000 --image_size=224 --warmup=3 --steps=10"
   assert result.stdout.splitlines() == [
       f"{common} --model_name=ViT-L_16 --mode=train --batch=0 --remat=full --fused_attention",
       f"{common} --model_name=ViT-H_14 --mode=train --batch=0 --remat=full --scan_layers --fused_attention"]
@@ -164,7 +164,7 @@ def test_gke_dry_run_renders_a_jobset(accelerator, extra, selector, resource):
 
 def test_local_runs_two_real_processes(tmp_path):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  result = launch("local.sh", "2", "--module=vit_jax.distributed", f"--log_dir={tmp_path}",
+  result = launch("local.sh", "2", "--module=vit_jax.tools.check_distributed", f"--log_dir={tmp_path}",
                   env=env | {"PYTHON": sys.executable})
   assert result.returncode == 0, result.stderr[-2000:]
   report = reported(result.stdout)
@@ -179,7 +179,7 @@ def test_local_stops_everyone_when_a_process_fails(tmp_path):
                     f'exec {sys.executable} "$@"\n')
   python.chmod(0o755)
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  result = launch("local.sh", "2", "--module=vit_jax.distributed", f"--log_dir={tmp_path}", "--",
+  result = launch("local.sh", "2", "--module=vit_jax.tools.check_distributed", f"--log_dir={tmp_path}", "--",
                   "--distributed_timeout_s=100", env=env | {"PYTHON": str(python)})
   assert result.returncode == 3
   assert "process 1 exited with status 3" in result.stderr and "process 1 broke" in result.stderr
@@ -187,7 +187,7 @@ def test_local_stops_everyone_when_a_process_fails(tmp_path):
 
 def test_local_user_error_exits_2():
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  result = launch("local.sh", "2", "--module=vit_jax.distributed", "--", "--distributed_timeout_s=-1",
+  result = launch("local.sh", "2", "--module=vit_jax.tools.check_distributed", "--", "--distributed_timeout_s=-1",
                   env=env | {"PYTHON": sys.executable})
   assert result.returncode == 2
   assert "error: distributed timeout -1s must be positive" in result.stderr

@@ -51,6 +51,10 @@ def uninterrupted(tmp_path_factory):
   return workdir
 
 
+def test_a_complete_run_gets_its_curves(uninterrupted):
+  assert os.path.getsize(os.path.join(uninterrupted, "curves.png")) > 10_000
+
+
 def test_kill_9_then_resume_reproduces_the_losses(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   process = subprocess.Popen(_command(workdir, "--config.total_steps=40"), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -90,6 +94,8 @@ def test_incompatible_workdir_names_the_keys(uninterrupted):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--config.batchh=64"], 'Did you mean "batch"'),
+    (["--config.trainer=mae"], "unknown trainer 'mae'; use one of supervised"),
+    (["--config.loss=hinge"], "unknown loss 'hinge'; use one of softmax_xent, sigmoid_xent"),
     (["--config.model_name=ViT-B_61"], "unknown model name 'ViT-B_61'"),
     (["--config.mesh.data=3"], "multiply to 3 but there are 8 devices"),
     (["--config.dtype=fp16"], "unknown dtype 'fp16'; use one of auto, float32, bfloat16"),

@@ -1,4 +1,4 @@
-"""vit_jax.memory: exact parameter and optimizer bytes, and the activation estimate against XLA's own count."""
+"""vit_jax.tools.memory: exact parameter and optimizer bytes, and the activation estimate against XLA's own count."""
 import math
 import subprocess
 import sys
@@ -9,7 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from vit_jax import memory, models, sharding
+from vit_jax import models, sharding
+from vit_jax.models import precision
+from vit_jax.tools import memory
 from vit_jax.errors import UserError
 
 
@@ -45,10 +47,18 @@ SMALL = dict(hidden_size=64, patches={"size": (4, 4)},
              transformer={"num_layers": 2, "mlp_dim": 256, "num_heads": 4, "dropout_rate": 0.0})
 
 
+@pytest.mark.parametrize("platform", ["cpu", "gpu_tpu"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("remat", ["none", "save_dots", "full"])
-def test_residual_formula_matches_what_autodiff_saves(remat, dtype):
-  """The analytic residuals against the ones JAX's autodiff keeps for this model (per example, batch 3)."""
+def test_residual_formula_matches_what_autodiff_saves(remat, dtype, platform, monkeypatch):
+  """The analytic residuals against the ones JAX's autodiff keeps for this model (per example, batch 3).
+
+  The matmuls differ per platform (`precision.on_cpu`, a `lax.platform_dependent` switch). Lowering keeps one
+  branch, but a jaxpr's residuals are those of every branch, so each platform's branch is traced on its own here.
+  """
+  branch = (lambda cpu_fn, default_fn, *arrays: cpu_fn(*arrays)) if platform == "cpu" else (
+      lambda cpu_fn, default_fn, *arrays: default_fn(*arrays))
+  monkeypatch.setattr(precision, "on_cpu", branch)
   from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top  # what print_saved_residuals prints
   batch, image_size = 3, 32  # no parameter has a leading dimension of 3, so batch-sized residuals are the activations
   model = models.get_model("testing", num_classes=10, remat=remat, dtype=jnp.dtype(dtype), **SMALL)
@@ -101,8 +111,8 @@ def test_activation_estimate_matches_memory_analysis(remat):
 
 
 def test_xla_cpu_saves_remat_memory_only_with_scan():
-  """Why `train.warn_if_remat_saves_nothing` warns: on XLA:CPU an unrolled model's remat keeps every activation.
-  If this starts failing because unrolled remat saves memory, drop the warning and its docs."""
+  """Why `vit_jax.models.vit.warn_if_remat_saves_nothing` warns: on XLA:CPU an unrolled model's remat keeps every
+  activation. If this starts failing because unrolled remat saves memory, drop the warning and its docs."""
   unrolled = {remat: gradient_temp_bytes(64, remat=remat) for remat in ("none", "full")}
   scanned_full = gradient_temp_bytes(64, remat="full", scan_layers=True)
   assert unrolled["full"] > 0.8 * unrolled["none"], unrolled
@@ -110,7 +120,7 @@ def test_xla_cpu_saves_remat_memory_only_with_scan():
 
 
 def test_remat_and_sharding_reduce_the_estimate():
-  common = dict(batch=256, image_size=224, devices=8, dtype="bfloat16")
+  common = dict(batch=256, image_size=224, num_devices=8, dtype="bfloat16")
   none = memory.estimate("ViT-L_16", mesh={"data": -1}, **common)
   full = memory.estimate("ViT-L_16", mesh={"data": -1}, remat="full", **common)
   fsdp = memory.estimate("ViT-L_16", mesh={"fsdp": -1}, **common)
@@ -121,11 +131,12 @@ def test_remat_and_sharding_reduce_the_estimate():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(mesh={"data": -1}), "needs --devices"),
-    (dict(mesh={"data": 3}, devices=8), "multiply to 3"),
+    (dict(mesh={"data": -1}), "needs the device count"),
+    (dict(mesh={"data": 3}, num_devices=8), "multiply to 3"),
     (dict(batch=12, mesh={"data": 8}), "not divisible"),
     (dict(remat="some"), "unknown remat"),
     (dict(optimizer="lion"), "unknown optimizer"),
+    (dict(dtype="float16"), "unknown dtype"),
 ])
 def test_bad_input_is_a_user_error(kwargs, message):
   args = dict(batch=16, image_size=224) | kwargs
@@ -134,14 +145,15 @@ def test_bad_input_is_a_user_error(kwargs, message):
 
 
 def test_cli_report_table_and_errors():
-  run = lambda *args: subprocess.run([sys.executable, "-m", "vit_jax.memory", *args], capture_output=True, text=True,
-                                     check=False)
+  run = lambda *args: subprocess.run([sys.executable, "-m", "vit_jax.tools.memory", *args], capture_output=True,
+                                     text=True, check=False)
   report = run("--model_name=ViT-H_14", "--batch=4096", "--devices=256", "--mesh.data=-1", "--mesh.fsdp=16",
                "--optimizer=adamw", "--remat=full", "--dtype=bfloat16")
   assert report.returncode == 0, report.stderr
   assert "632,045,800 parameters" in report.stdout and "total" in report.stdout
   table = memory.table()  # what --table prints
   assert all(f"| {name} |" in table for name in memory.TABLE_MODELS)
+  assert "| activations remat=none | save_dots | full | total fsdp=8, none | total fsdp=8, full |" in table
   bad = run("--model_name=ViT-Q_16")
   assert bad.returncode == 2
   assert bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1

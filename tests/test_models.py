@@ -40,14 +40,36 @@ def count(shapes):
   return sum(int(np.prod(s)) for s in shapes.values())
 
 
-@pytest.mark.parametrize("name", list(ZOO_PARAMETER_COUNTS))
-def test_zoo_parameter_counts(name):
-  assert count(param_shapes(models.get_model(name, num_classes=1000))) == ZOO_PARAMETER_COUNTS[name]
+# The registry's own resolution for models that are not zoo models at 224 px.
+NATIVE_IMAGE_SIZE = {"ViT-CIFAR_4": 32}
 
 
-@pytest.mark.parametrize("name", list(OTHER_VITS))
-def test_other_parameter_counts(name):
-  assert count(param_shapes(models.get_model(name, num_classes=1000))) == count_by_formula(*OTHER_VITS[name])
+def expected_count(name, image_size):
+  if name in ZOO_PARAMETER_COUNTS:
+    return ZOO_PARAMETER_COUNTS[name]
+  return count_by_formula(*OTHER_VITS[name], image=image_size)
+
+
+def _slow_if_large(name):
+  # Tracing the deep or hybrid models takes 10-40 s each on 2 cores: `make test` runs them, the fast subset not.
+  return pytest.param(name, marks=pytest.mark.slow) if expected_count(name, 224) > 90_000_000 else name
+
+
+@pytest.mark.parametrize("name", [_slow_if_large(name) for name in models.model_names()])
+def test_every_registry_model_builds_inits_and_runs_forward_at_its_native_size(name):
+  """timm-style, one uniform interface for every registered name: the parameter count (the zoo's published one, or
+  by formula), the position embedding of the native grid, logits and features (shapes traced, nothing computed)."""
+  size = NATIVE_IMAGE_SIZE.get(name, 224)
+  config = models.get_model_config(name)
+  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  model = models.get_model(name, num_classes=1000)
+  params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)["params"]
+  assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params)) == expected_count(name, size)
+  tokens = models.num_tokens(config, size)
+  assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, tokens, config.hidden_size)
+  assert jax.eval_shape(lambda p, x: model.apply({"params": p}, x, train=False), params, images).shape == (2, 1000)
+  features = models.get_model(name, num_classes=0)
+  assert jax.eval_shape(lambda p, x: features.apply({"params": p}, x), params, images).shape == (2, config.hidden_size)
 
 
 def test_registry_covers_zoo_and_augreg_names():

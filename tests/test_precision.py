@@ -73,3 +73,34 @@ def test_bfloat16_operands_give_float32_results_and_close_gradients(features):
   for a, b in zip(g16, g32):
     assert a.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.05, atol=0.03 * np.abs(b).max())
+
+
+def _lowered_gradient(platform, dtype):
+  """StableHLO text of a Dense layer's and attention's gradient, lowered for `platform` (no such device needed)."""
+  def loss(kernel, x):
+    y = precision.dot_general(x, kernel, (((2,), (0,)), ((), ())))
+    q = y.reshape(2, 4, 4, 2).astype(dtype)  # (batch, heads, tokens, head_dim)
+    weights = jax.nn.softmax(precision.attention_logits(q, q), axis=-1)
+    return jnp.sum(precision.attention_mix(weights.astype(dtype), q))
+  args = (jnp.ones((6, 8), dtype), jnp.ones((2, 4, 6), dtype))
+  return jax.jit(jax.grad(loss)).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_tuned_gradients_lower_only_for_cpu(dtype):
+  """The hand-written gradients (transposes behind optimization barriers) are XLA:CPU tuning: GPU and TPU lower
+  JAX's own gradient of a plain float32-accumulating dot_general."""
+  lowered = {platform: _lowered_gradient(platform, dtype) for platform in ("cpu", "cuda", "tpu")}
+  assert "optimization_barrier" in lowered["cpu"]
+  for platform in ("cuda", "tpu"):
+    assert "optimization_barrier" not in lowered[platform], platform
+    assert "dot_general" in lowered[platform] and "-> tensor<2x4x8xf32>" in lowered[platform], platform
+
+
+def test_accelerator_gradients_equal_autodiff_of_the_plain_matmuls():
+  """What GPU/TPU run (the `default` branch) is differentiated by JAX itself and equals the CPU branch's values."""
+  x, kernel = normal(4, 5, 6), normal(6, 7)
+  dimension_numbers = (((2,), (0,)), ((), ()))
+  plain = lambda k: jnp.sum(jnp.sin(precision._matmul(x, k, 1)))  # pylint: disable=protected-access
+  ours = lambda k: jnp.sum(jnp.sin(precision.dot_general(x, k, dimension_numbers)))
+  np.testing.assert_allclose(jax.grad(ours)(kernel), jax.grad(plain)(kernel), rtol=1e-5, atol=1e-5)

@@ -8,7 +8,9 @@ from PIL import Image
 
 from tests.test_infer import error_line, make_workdir, random_params, run_cli, tiny_model
 from tests.test_evaluate import digits_split
-from vit_jax import attention_maps, checkpoint, models, trained_model, visualize
+from vit_jax import models
+from vit_jax.models import zoo
+from vit_jax.tools import attention_maps, trained_model, visualize
 from vit_jax.errors import UserError
 
 
@@ -104,11 +106,14 @@ def test_pngs_are_written_and_readable(trained, tmp_path):
 def test_figures_refuse_models_they_do_not_apply_to(tmp_path):
   model = models.get_model("R+ViT-Ti_16", num_classes=3, hidden_size=32,
                            transformer=dict(num_layers=1, mlp_dim=16, num_heads=2))
-  checkpoint.save(random_params(model, size=32), tmp_path / "hybrid.npz")
+  zoo.save(random_params(model, size=32), tmp_path / "hybrid.npz")
   hybrid = trained_model.load(str(tmp_path / "hybrid.npz"))
   with pytest.raises(UserError, match="plain ViT"):
     visualize.plot_filters(hybrid, str(tmp_path / "f.png"))
-  with pytest.raises(UserError, match="has no metrics.jsonl"):
+  with pytest.raises(UserError, match="metrics.jsonl does not exist"):
+    visualize.plot_training_curves(str(tmp_path))
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_lo')  # a line cut short by a kill
+  with pytest.raises(UserError, match="holds no metrics yet"):
     visualize.plot_training_curves(str(tmp_path))
   no_attention = trained_model.TrainedModel(
       model=None, params={}, model_config=models.get_model_config("testing"), image_size=16, pp=None,
@@ -119,7 +124,7 @@ def test_figures_refuse_models_they_do_not_apply_to(tmp_path):
 
 
 def test_cli(trained, tmp_path):
-  out = run_cli("vit_jax.visualize", "attention", f"--checkpoint={trained.source}", "--dataset=digits",
+  out = run_cli("vit_jax.tools.visualize", "attention", f"--checkpoint={trained.source}", "--dataset=digits",
                 "--num_images=2", f"--output={tmp_path / 'a.png'}")
   assert out.returncode == 0, out.stderr[-2000:]
   assert_readable_png(tmp_path / "a.png")
@@ -130,5 +135,5 @@ def test_cli(trained, tmp_path):
   config["model"] = {**config["model"], "classifier": "unpooled"}
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config, f)
-  line = error_line(run_cli("vit_jax.visualize", "attention", f"--checkpoint={workdir}", "--dataset=digits"))
+  line = error_line(run_cli("vit_jax.tools.visualize", "attention", f"--checkpoint={workdir}", "--dataset=digits"))
   assert "unpooled" in line

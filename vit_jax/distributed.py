@@ -13,8 +13,9 @@ one global mesh spans them all. Where the process layout comes from, first match
 A run whose processes never all meet would otherwise hang or die in XLA with a C++ check failure; here it ends
 after `timeout_s` with exit status 2 and one `error:` line naming the coordinator and what to check.
 
-`python -m vit_jax.distributed [flags]` joins, runs a cross-process all-reduce and all-gather, and prints what
-each process sees: a smoke test for a new cluster, e.g. `launch/local.sh 2 --module=vit_jax.distributed`.
+`python -m vit_jax.tools.check_distributed [flags]` joins, runs a cross-process all-reduce and all-gather, and
+prints what each process sees: a smoke test for a new cluster, e.g.
+`launch/local.sh 2 --module=vit_jax.tools.check_distributed`.
 """
 import os
 import socket

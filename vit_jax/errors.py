@@ -20,11 +20,3 @@ def run_cli(main, *args, **kwargs):
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
-
-def write_output(path, text):
-  """Writes a CLI's `--output` file; a path that cannot be written is a UserError naming it."""
-  try:
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(text)
-  except OSError as e:
-    raise UserError(f"cannot write --output={path}: {e.strerror}") from None

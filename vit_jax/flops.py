@@ -3,7 +3,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from vit_jax.models import geometry
 
 
 def train_flops_per_image(model_config, image_size, num_classes) -> float:
@@ -12,14 +12,20 @@ def train_flops_per_image(model_config, image_size, num_classes) -> float:
   Per layer: QKV and output projections 8*N*D^2, MLP 4*N*D*M, attention scores and mixing 4*N^2*D; plus the
   patch embedding and the head. A hybrid's ResNet stem is not counted, so its MFU is a lower bound.
   """
-  height, width = (image_size, image_size) if np.isscalar(image_size) else image_size
+  rows, cols = geometry.grid_shape(model_config, image_size)
+  grid = rows * cols
   patch_h, patch_w = model_config.patches.size
-  grid = (height // patch_h) * (width // patch_w)
   hidden = model_config.hidden_size
-  forward = 2 * grid * patch_h * patch_w * 3 * hidden + 2 * hidden * num_classes
+  resnet = model_config.get("resnet")
+  # The patch embedding sees pixels, or a hybrid's ResNet features (bottleneck units output 4x their width).
+  channels = 3
+  if resnet is not None:
+    width = int(64 * resnet["width_factor"])
+    channels = 4 * width * 2 ** (len(resnet["num_layers"]) - 1) if resnet["num_layers"] else width
+  forward = 2 * grid * patch_h * patch_w * channels * hidden + 2 * hidden * num_classes
   transformer = model_config.get("transformer")
   if transformer is not None:
-    tokens = grid + int(model_config.get("classifier", "token") in ("token", "token_unpooled"))
+    tokens = grid + int(geometry.has_class_token(model_config))
     per_layer = 8 * tokens * hidden ** 2 + 4 * tokens * hidden * transformer.mlp_dim + 4 * tokens ** 2 * hidden
     forward += transformer.num_layers * per_layer
   return 3.0 * forward

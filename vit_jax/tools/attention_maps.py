@@ -1,4 +1,5 @@
-"""Attention analysis of a ViT: the sown attention weights, attention rollout, mean attention distance.
+"""Attention analysis of a ViT: the sown attention weights, attention rollout, mean attention distance; what the
+pictures of `vit_jax.tools.visualize` show, kept apart from the plotting so that the numbers can be tested by hand.
 
 - Rollout (Abnar & Zuidema 2020; ViT paper Fig. 6 and App. D.8): average the heads of each layer, add the identity
   for the residual connection, renormalise rows, and multiply the layers' matrices from the first to the last.
@@ -10,27 +11,23 @@
 import jax
 import numpy as np
 
-from vit_jax import models
 from vit_jax.errors import UserError
+from vit_jax.models import geometry
 
 
-def has_class_token(model_config):
-  return model_config.get("classifier", "token") in ("token", "token_unpooled")
-
-
-def grid_shape(model_config, image_size):
-  stride = models.downsampling(model_config["patches"], model_config.get("resnet"))
-  return image_size // stride[0], image_size // stride[1]
+def _require_transformer(transformer, what):
+  if not transformer:
+    raise UserError(f"{what} needs a transformer, and this model has none (transformer=None): it has no attention")
 
 
 def require_attention(model_config, what):
-  if not model_config.get("transformer"):
-    raise UserError(f"{what} needs a transformer, and this model has none (transformer=None): it has no attention")
+  """UserError unless the model of `model_config` has attention layers to picture."""
+  _require_transformer(model_config.get("transformer"), what)
 
 
 def attention_weights(model, params, images):
   """[layers] of numpy (batch, heads, tokens, tokens): every encoder block's attention weights on `images`."""
-  require_attention(model.__dict__, "attention weights")
+  _require_transformer(model.transformer, "attention weights")
 
   @jax.jit
   def run(params, images):
@@ -64,12 +61,12 @@ def rollout_map(joint, model_config, image_size):
   if classifier in ("unpooled",):
     raise UserError("attention rollout shows what the pooled output attends to; an `unpooled` model has no pooled "
                     "output (use a token or gap model)")
-  if has_class_token(model_config):
+  if geometry.has_class_token(model_config):
     flow = joint[:, 0, 1:]
   else:
     flow = joint.mean(axis=1)
   flow = flow / flow.max(axis=-1, keepdims=True)
-  return flow.reshape(len(flow), *grid_shape(model_config, image_size))
+  return flow.reshape(len(flow), *geometry.grid_shape(model_config, image_size))
 
 
 def patch_distances(grid, patch_size):

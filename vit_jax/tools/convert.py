@@ -1,7 +1,7 @@
 """Convert between zoo `.npz` checkpoints and timm-compatible PyTorch state dicts in `.safetensors`, no torch needed.
 
-  python -m vit_jax.convert --input=runs/quickstart --output=model.safetensors        # workdir or .npz -> timm
-  python -m vit_jax.convert --input=model.safetensors --output=model.npz              # timm -> zoo
+  python -m vit_jax.tools.convert --input=runs/quickstart --output=model.safetensors        # workdir or .npz -> timm
+  python -m vit_jax.tools.convert --input=model.safetensors --output=model.npz              # timm -> zoo
 
 The direction follows the file extensions. The timm layout (`timm.models.vision_transformer.VisionTransformer`):
 fused `blocks.{i}.attn.qkv` (rows: q, k, v, each head-major), torch `Linear` weights (out, in), OIHW convolutions,
@@ -21,21 +21,22 @@ import json
 import os
 import re
 
-from absl import app, flags, logging
+from absl import flags, logging
 import flax
 import numpy as np
 
-from vit_jax import checkpoint, models, trained_model
-from vit_jax.errors import UserError, run_cli
+from vit_jax import models
+from vit_jax.errors import UserError
+from vit_jax.models import geometry, zoo
+from vit_jax.tools import cli, trained_model
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """Flags of this CLI, defined only when it runs (other CLIs use the same names)."""
+  """Flags of this tool, defined only when it runs; `--output` is the .safetensors (timm) or .npz (zoo) to write."""
+  cli.define_flags("model_name", "output")
   flags.DEFINE_string("input", None, "Workdir, zoo .npz, or timm .safetensors.")
-  flags.DEFINE_string("output", None, "Output .safetensors (timm) or .npz (zoo).")
-  flags.DEFINE_string("model_name", None, "Registry name of the model (optional; checks the file).")
   flags.DEFINE_integer("num_heads", None, "Attention heads, for .safetensors without vit_jax metadata.")
 
 CONFIG_METADATA = "vit_jax.model_config"
@@ -197,7 +198,7 @@ def timm_kwargs(model_config, num_classes, image_size):
       img_size=image_size, patch_size=tuple(model_config.patches.size), num_classes=num_classes,
       embed_dim=model_config.hidden_size, depth=transformer.num_layers, num_heads=transformer.num_heads,
       mlp_ratio=transformer.mlp_dim / model_config.hidden_size,
-      class_token=classifier in ("token", "token_unpooled"),
+      class_token=geometry.has_class_token(model_config),
       global_pool={"token": "token", "gap": "avg"}.get(classifier, ""),
       fc_norm=False,  # the zoo applies its final LayerNorm to every token, before pooling
       act_layer="gelu_tanh")
@@ -223,12 +224,11 @@ def export_timm(input_path, output_path, model_name=None):
   trained = trained_model.load(input_path, model_name=model_name, with_class_names=False)
   if not trained.model_config.get("transformer"):
     raise UserError(f"{input_path} is a ResNet without a transformer; timm's VisionTransformer cannot hold it")
-  flat = {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(trained.params).items()}
-  state = zoo_to_timm(flat)
+  state = zoo_to_timm({key: np.asarray(value) for key, value in zoo.flatten(trained.params).items()})
   config_json = json.dumps(trained.model_config.to_dict())
   metadata = {"format": "pt", CONFIG_METADATA: config_json,
               TIMM_METADATA: json.dumps(timm_kwargs(trained.model_config, trained.num_classes, trained.image_size))}
-  _write(output_path, lambda path: _safetensors_numpy().save_file(state, path, metadata=metadata))
+  cli.write_output(output_path, lambda path: _safetensors_numpy().save_file(state, path, metadata=metadata))
   logging.info("Wrote %d tensors to %s", len(state), output_path)
   return state
 
@@ -265,30 +265,20 @@ def import_timm(input_path, output_path, model_name=None, num_heads=None):
     raise UserError(f"num_heads={num_heads} does not divide the width "
                     f"{state['blocks.0.attn.qkv.weight'].shape[1]} of {input_path}")
   flat = timm_to_zoo(state, num_heads)
+  params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
   if model_name:  # checks every shape against the named model
     config = models.get_model_config(model_name)
     config.representation_size = None
     num_classes = flat["head/kernel"].shape[-1] if "head/kernel" in flat else 0
     model = models.VisionTransformer(num_classes=num_classes, **config)
-    params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
     trained_model.check_params_match(params, model, trained_model.posemb_image_size(params, config),
                                      f"model {model_name}")
-  params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-  _write(output_path, lambda path: checkpoint.save(params, path))
+  cli.write_output(output_path, lambda path: zoo.save(params, path))
   logging.info("Wrote %d arrays to %s", len(flat), output_path)
   return flat
 
 
-def _write(path, write):
-  try:
-    write(path)
-  except OSError as e:
-    raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {' '.join(argv[1:])}; use --input=... --output=...")
+def main():
   source, target = FLAGS.input, FLAGS.output
   if not source or not target:
     raise UserError("--input and --output are required, e.g. --input=model.npz --output=model.safetensors")
@@ -304,4 +294,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(lambda argv: run_cli(main, argv))
+  cli.run(main)

@@ -1,14 +1,15 @@
 """Throughput of the input pipeline alone (no model, no device transfer), per grain worker count.
 
-  python -m vit_jax.data.benchmark --dataset=/path/to/folder --workers=0,1,2
-  python -m vit_jax.data.benchmark --make_jpeg_folder=/tmp/jpegs --workers=0,1,2   # synthetic 500x375 JPEGs
+  python -m vit_jax.tools.data_benchmark --dataset=/path/to/folder --workers=0,1,2
+  python -m vit_jax.tools.data_benchmark --make_jpeg_folder=/tmp/jpegs --workers=0,1,2   # synthetic 500x375 JPEGs
+
+Measured figures are in docs/benchmarks.md.
 """
 import os
 import time
 
 from absl import app
 from absl import flags
-import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -42,8 +43,9 @@ def make_jpeg_folder(root, num_images, size=(500, 375), num_classes=4, seed=0):
   return root
 
 
-def measure(config, seconds):
-  ds, _ = pipeline.host_train_dataset(config, 0, 1)
+def measure(seconds, **train_dataset_kwargs):
+  """Examples per second of `pipeline.host_train_dataset(**train_dataset_kwargs)` as one process."""
+  ds, _ = pipeline.host_train_dataset(process_index=0, process_count=1, **train_dataset_kwargs)
   it = iter(ds)
   next(it)  # warm-up: worker start, first batch
   n, start = 0, time.perf_counter()
@@ -65,12 +67,10 @@ def main(argv):
   print(f"dataset={dataset} split={_SPLIT.value} crop={_CROP.value} augment={_AUGMENT.value} "
         f"batch={_BATCH.value} read_threads={_READ_THREADS.value} cpus={os.cpu_count()}")
   for workers in [int(w) for w in _WORKERS.value]:
-    config = ml_collections.ConfigDict(dict(
-        dataset=dataset, tfds_data_dir=_DATA_DIR.value, batch=_BATCH.value, seed=0, num_workers=workers,
-        read_threads=_READ_THREADS.value,
-        pp=dict(train=_SPLIT.value, test=_SPLIT.value, crop=_CROP.value, resize=None, augment=_AUGMENT.value,
-                mixup=0.0)))
-    rate = measure(config, _SECONDS.value)
+    rate = measure(_SECONDS.value, dataset=dataset, split=_SPLIT.value,
+                   pp=dict(crop=_CROP.value, resize=None, augment=_AUGMENT.value, mixup=0.0),
+                   batch=_BATCH.value, seed=0, tfds_data_dir=_DATA_DIR.value, num_workers=workers,
+                   read_threads=_READ_THREADS.value, batch_key="--batch")
     per = f" ({rate / workers:.0f} img/s per worker)" if workers else ""
     print(f"workers={workers}: {rate:.0f} img/s{per}", flush=True)
 

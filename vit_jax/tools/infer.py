@@ -1,7 +1,7 @@
 """Classify images with a trained model: top-k labels and probabilities.
 
-  python -m vit_jax.infer --checkpoint=runs/quickstart digit.png photos/
-  python -m vit_jax.infer --checkpoint=ViT-B_16.npz --model_name=ViT-B_16 --labels=imagenet.txt \
+  python -m vit_jax.tools.infer --checkpoint=runs/quickstart digit.png photos/
+  python -m vit_jax.tools.infer --checkpoint=ViT-B_16.npz --model_name=ViT-B_16 --labels=imagenet.txt \
       --image_size=384 --top_k=3 --output=preds.jsonl cat.jpg
 
 `--checkpoint` is a training workdir (its config.json gives the model, the test preprocessing and the class
@@ -12,34 +12,30 @@ counted and listed at the end (`--strict` makes it an error). Models trained wit
 per-class sigmoid probabilities, others a softmax.
 
 Each batch is split over all devices (data parallel; `--batch_size` is rounded up to a multiple of their count),
-and on a CPU host the cores are split into several devices first, as training does (`--cpu_devices`).
+and on a CPU host the cores are split into several devices first, as training does (`--cpu_devices`; why and by
+how much: docs/benchmarks.md). `--output` writes one JSON object per image (JSON lines).
 """
 import json
-import math
 import sys
 
-from absl import app, flags
+from absl import flags
 import jax
 import numpy as np
 import tqdm
 
-from vit_jax import cpu_devices, image_files, sharding, trained_model
-from vit_jax.errors import UserError, run_cli, write_output
+from vit_jax import host, sharding
+from vit_jax.data import files
+from vit_jax.errors import UserError
+from vit_jax.tools import cli, trained_model
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """Flags of this CLI, defined only when it runs (other CLIs use the same names)."""
-  flags.DEFINE_string("checkpoint", None, "Training workdir or zoo .npz file.")
-  flags.DEFINE_string("model_name", None, "Registry name of the .npz's model, e.g. ViT-B_16.")
-  flags.DEFINE_string("labels", None, "Text file with one class name per line (class-index order).")
-  flags.DEFINE_integer("image_size", None, "Resolution to run at; default: the checkpoint's.")
+  """Flags of this tool, defined only when it runs."""
+  cli.define_flags("checkpoint", "model_name", "labels", "image_size", "batch_size", "output", "strict",
+                   "cpu_devices", batch_size=32)
   flags.DEFINE_integer("top_k", 5, "How many labels to report per image.")
-  flags.DEFINE_integer("batch_size", 32, "Images per forward pass (rounded up to a multiple of the device count).")
-  flags.DEFINE_string("output", None, "Also write one JSON object per image to this .jsonl file.")
-  flags.DEFINE_bool("strict", False, "Fail on the first unreadable image instead of skipping it.")
-  cpu_devices.define_flag()
 
 
 def make_predict_fn(model, sigmoid):
@@ -61,17 +57,15 @@ def predict_files(trained, paths, *, k=5, batch_size=32, strict=False, progress=
     raise UserError(f"checkpoint {trained.source} has no classification head; it gives features, not labels")
   if k < 1:
     raise UserError(f"--top_k={k} must be at least 1")
-  if batch_size < 1:
-    raise UserError(f"--batch_size={batch_size} must be at least 1")
-  sigmoid = trained.run_config is not None and trained.run_config.get("loss") == "sigmoid_xent"
+  sigmoid = trained.run_setting("loss") == "sigmoid_xent"
   predict = make_predict_fn(trained.model, sigmoid)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   params = jax.device_put(trained.params, sharding.tree_shardings(trained.params, mesh))
   images_sharding = sharding.batch_sharding(mesh)
-  batch_size = math.ceil(batch_size / mesh.size) * mesh.size
+  batch_size = cli.device_batch(batch_size, mesh.size)
   predictions, skipped = [], []
   with tqdm.tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr) as bar:
-    for batch_paths, images, batch_skipped in image_files.batches(paths, trained.pp, batch_size):
+    for batch_paths, images, batch_skipped in files.batches(paths, trained.pp, batch_size):
       if batch_skipped and strict:
         path, reason = batch_skipped[0]
         raise UserError(f"cannot read image {path} ({reason}); remove it, or drop --strict to skip such files")
@@ -87,22 +81,22 @@ def predict_files(trained, paths, *, k=5, batch_size=32, strict=False, progress=
   return predictions, skipped
 
 
-def main(argv):
+def main(args):
   if not FLAGS.checkpoint:
     raise UserError("--checkpoint is required: a training workdir or a zoo .npz file")
   trained = trained_model.load(FLAGS.checkpoint, model_name=FLAGS.model_name, image_size=FLAGS.image_size,
                                labels_path=FLAGS.labels)
   # Loading reads numpy arrays only, so JAX has no devices yet; the batch is rounded up to their count.
-  cpu_devices.configure(FLAGS.cpu_devices, batch_sizes=(),
-                        num_params=sum(leaf.size for leaf in jax.tree.leaves(trained.params)))
-  paths, any_folder = image_files.expand(argv[1:])
+  host.split_cpu_devices(FLAGS.cpu_devices,
+                         num_params=lambda: sum(leaf.size for leaf in jax.tree.leaves(trained.params)))
+  paths, any_folder = files.expand(args)
   predictions, skipped = predict_files(trained, paths, k=FLAGS.top_k, batch_size=FLAGS.batch_size,
                                        strict=FLAGS.strict, progress=any_folder or len(paths) > FLAGS.batch_size)
   for prediction in predictions:
     best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in prediction["top_k"])
     print(f"{prediction['path']}: {best}")
   if FLAGS.output:
-    write_output(FLAGS.output, "".join(json.dumps(prediction) + "\n" for prediction in predictions))
+    cli.write_output(FLAGS.output, "".join(json.dumps(prediction) + "\n" for prediction in predictions))
   if skipped:
     print(f"skipped {len(skipped)} unreadable image(s):", file=sys.stderr)
     for path, reason in skipped:
@@ -111,4 +105,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(lambda argv: run_cli(main, argv))
+  cli.run(main, arguments=True)

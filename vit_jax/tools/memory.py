@@ -1,8 +1,8 @@
 """Memory per chip of training a registry model: parameters, gradients, optimizer state and activations.
 
-  python -m vit_jax.memory --model_name=ViT-H_14 --batch=4096 --image_size=224 --devices=256 \
+  python -m vit_jax.tools.memory --model_name=ViT-H_14 --batch=4096 --image_size=224 --devices=256 \
       --mesh.data=-1 --mesh.fsdp=16 --optimizer=adamw --remat=full --dtype=bfloat16
-  python -m vit_jax.memory --table   # the table of docs/scaling.md
+  python -m vit_jax.tools.memory --table   # the table of docs/scaling.md
 
 Parameters and optimizer state are counted exactly: `jax.eval_shape` of the model's init and of the optax
 optimizer of `vit_jax.optim`, sharded by the parameter rules of `vit_jax.sharding` (a dimension is split only when
@@ -15,17 +15,20 @@ import functools
 import math
 from typing import Dict
 
+from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from vit_jax import models, optim, sharding
 from vit_jax.errors import UserError
+from vit_jax.models import geometry, precision
+from vit_jax.tools import cli
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-REMAT = ("none", "save_dots", "full")
+FLAGS = flags.FLAGS
 GIB = 2 ** 30
+# `dtype=auto` plans for an accelerator, where training's auto is bfloat16.
+PLANNED_PLATFORM = "tpu"
 
 
 @dataclasses.dataclass
@@ -43,39 +46,27 @@ class Estimate:
     return self.params + self.gradients + self.optimizer + self.activations
 
 
-def mesh_shape(mesh: Dict[str, int], devices=None) -> Dict[str, int]:
-  """{'data', 'fsdp', 'tensor'} sizes with a -1 resolved against `devices`; UserError when they do not fit."""
-  sizes = {axis: int(mesh.get(axis, 1)) for axis in sharding.MESH_AXES}
-  described = ", ".join(f"mesh.{axis}={size}" for axis, size in sizes.items())
-  free = [axis for axis, size in sizes.items() if size == -1]
-  if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
-    raise UserError(f"invalid mesh ({described}); use positive sizes and at most one -1")
-  known = math.prod(size for size in sizes.values() if size != -1)
-  if free:
-    if devices is None:
-      raise UserError(f"mesh.{free[0]}=-1 needs --devices (the total number of chips) to resolve")
-    if devices % known:
-      raise UserError(f"mesh ({described}) cannot use {devices} devices: {known} does not divide {devices}")
-    sizes[free[0]] = devices // known
-  elif devices is not None and known != devices:
-    raise UserError(f"mesh sizes ({described}) multiply to {known}, not --devices={devices}")
-  return sizes
+def bytes_per_element(dtype) -> int:
+  """Bytes per element of a compute dtype name (`precision.DTYPES`; auto: what an accelerator computes in)."""
+  return np.dtype(precision.DTYPES[precision.resolve_dtype(dtype, PLANNED_PLATFORM)]).itemsize
 
 
-def optimizer_config(optimizer="adamw", momentum_dtype="float32"):
-  """The config keys `vit_jax.optim.make_optimizer` reads; the schedule does not change the state's size."""
-  return ml_collections.ConfigDict(dict(
-      optimizer=optimizer, momentum=0.9, beta2=0.999, momentum_dtype=momentum_dtype, weight_decay=1e-4,
-      grad_norm_clip=1.0, base_lr=1e-3, total_steps=100, warmup_steps=10, decay_type="cosine"))
+def _check_remat(remat):
+  if remat not in models.REMAT_POLICIES:
+    raise UserError(f"unknown remat policy {remat!r}; use one of {', '.join(models.REMAT_POLICIES)}")
 
 
 @functools.lru_cache(maxsize=None)  # the table asks for each model several times
 def abstract_state(model_name, *, image_size, num_classes=1000, optimizer="adamw", momentum_dtype="float32"):
   """(params, opt_state) as `jax.ShapeDtypeStruct` trees: nothing is allocated."""
   model = models.get_model(model_name, num_classes=num_classes)
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  images = jax.ShapeDtypeStruct((1, *geometry.image_hw(image_size), 3), jnp.float32)
   params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False)["params"], images)
-  opt_state = jax.eval_shape(optim.make_optimizer(optimizer_config(optimizer, momentum_dtype)).init, params)
+  # The schedule, weight decay and clipping do not change the state's size.
+  tx, _ = optim.make_optimizer(optimizer=optimizer, base_lr=1e-3, total_steps=100, warmup_steps=10,
+                               decay_type="cosine", momentum_dtype=momentum_dtype, weight_decay=1e-4,
+                               grad_norm_clip=1.0)
+  opt_state = jax.eval_shape(tx.init, params)
   return params, opt_state
 
 
@@ -111,6 +102,7 @@ def block_activation_bytes(tokens, hidden, mlp_dim, heads, dtype_bytes, remat="n
   activations), counted as one block's full `none` set. Terms over heads or MLP units divide by the
   tensor-parallel degree; the residual stream and layer norms are replicated across it.
   """
+  _check_remat(remat)
   n, d, m, h, b, t = tokens, hidden, mlp_dim, heads, dtype_bytes, tensor
   everything = (n * d * (6 * 4 + 2 * b) + 8 * n * 4  # the two layer norms
                 + (n * d * 4 * b + n * m * (5 * 4 + b) + h * n * n * (4 + b) + 2 * h * n * 4) / t)
@@ -120,14 +112,15 @@ def block_activation_bytes(tokens, hidden, mlp_dim, heads, dtype_bytes, remat="n
     return {"saved": 2 * n * d * 4 + (3 * n * d * 4 + n * m * 4) / t, "working": everything}
   if remat == "full":
     return {"saved": n * d * 4, "working": everything}
-  raise UserError(f"unknown remat policy {remat!r}; use one of {', '.join(REMAT)}")
+  raise NotImplementedError(f"no activation formula for remat={remat!r} yet; add it here and to the docstring")
 
 
 def residual_bytes_per_example(model_config, *, image_size, dtype="float32", remat="none", tensor=1) -> float:
   """What autodiff keeps per example: every block's 'saved', the image (b), the final layer norm and the head input."""
-  b = DTYPE_BYTES[dtype]
-  tokens, hidden = models.num_tokens(model_config, image_size), model_config.hidden_size
-  io = image_size * image_size * 3 * b + 3 * tokens * hidden * 4 + 4 * tokens * 4 + hidden * 4
+  b = bytes_per_element(dtype)
+  tokens, hidden = geometry.num_tokens(model_config, image_size), model_config.hidden_size
+  height, width = geometry.image_hw(image_size)
+  io = height * width * 3 * b + 3 * tokens * hidden * 4 + 4 * tokens * 4 + hidden * 4
   transformer = model_config.get("transformer")
   if transformer is None:
     return float(io)
@@ -142,20 +135,18 @@ def activation_bytes_per_example(model_config, *, image_size, dtype="float32", r
   transformer = model_config.get("transformer")
   if transformer is None:
     return saved
-  b = DTYPE_BYTES[dtype]
-  block = block_activation_bytes(models.num_tokens(model_config, image_size), model_config.hidden_size,
-                                 transformer.mlp_dim, transformer.num_heads, b, remat, tensor)
+  block = block_activation_bytes(geometry.num_tokens(model_config, image_size), model_config.hidden_size,
+                                 transformer.mlp_dim, transformer.num_heads, bytes_per_element(dtype), remat, tensor)
   return saved + block["working"]
 
 
-def estimate(model_name, *, batch, image_size, mesh=None, devices=None, optimizer="adamw", remat="none",
+def estimate(model_name, *, batch, image_size, mesh=None, num_devices=None, optimizer="adamw", remat="none",
              dtype="float32", momentum_dtype="float32", num_classes=1000, accum_steps=1) -> Estimate:
-  """Memory per device of one training step of `model_name` (see the module docstring)."""
-  if dtype not in DTYPE_BYTES:
-    raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
-  if remat not in REMAT:
-    raise UserError(f"unknown remat policy {remat!r}; use one of {', '.join(REMAT)}")
-  sizes = mesh_shape(mesh or {}, devices)
+  """Memory per device of one training step of `model_name` (see the module docstring); `mesh` sizes as in
+  training (missing axes 1, one may be -1: the devices of `num_devices` the others leave)."""
+  bytes_per_element(dtype)  # an unknown dtype fails here, before anything slow
+  _check_remat(remat)
+  sizes = sharding.resolve_mesh_sizes(mesh or {}, num_devices)
   batch_shards = sizes["data"] * sizes["fsdp"]
   if batch % (batch_shards * accum_steps):
     raise UserError(f"batch={batch} is not divisible by mesh.data x mesh.fsdp x accum_steps = "
@@ -176,83 +167,77 @@ def estimate(model_name, *, batch, image_size, mesh=None, devices=None, optimize
 
 # (model, mesh) rows of docs/scaling.md: 224 px, bfloat16 compute, AdamW with float32 state, 32 images per chip.
 TABLE_MODELS = ("ViT-Ti_16", "ViT-S_16", "ViT-B_32", "ViT-B_16", "ViT-L_16", "ViT-B_8", "ViT-H_14")
-TABLE_SETUP = dict(image_size=224, dtype="bfloat16", optimizer="adamw", per_device_batch=32, devices=8)
+TABLE_SETUP = dict(image_size=224, dtype="bfloat16", optimizer="adamw", per_device_batch=32, num_devices=8)
 
 
 def table() -> str:
-  """A markdown table: GiB per chip of each model for data-parallel vs FSDP over 8 chips and each remat policy."""
+  """A markdown table: GiB per chip of each model for data-parallel vs FSDP over 8 chips and each remat policy
+  (columns from the policy that keeps the most activations to the one that keeps the fewest)."""
   setup = TABLE_SETUP
-  lines = [
-      f"Per chip, {setup['image_size']} px, {setup['dtype']} compute, {setup['optimizer']} (float32 state), "
-      f"{setup['per_device_batch']} images per chip, {setup['devices']} chips; GiB.",
-      "",
-      "| model | params | state, data-parallel | state, fsdp=8 | activations remat=none | save_dots | full |"
-      " total fsdp=8, none | total fsdp=8, full |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-  ]
-  batch = setup["per_device_batch"] * setup["devices"]
+  batch = setup["per_device_batch"] * setup["num_devices"]
+  common = dict(batch=batch, image_size=setup["image_size"], num_devices=setup["num_devices"],
+                optimizer=setup["optimizer"], dtype=setup["dtype"])
+  rows, remats = [], None
   for name in TABLE_MODELS:
-    common = dict(batch=batch, image_size=setup["image_size"], devices=setup["devices"],
-                  optimizer=setup["optimizer"], dtype=setup["dtype"])
     dp = estimate(name, mesh={"data": -1}, **common)
-    fsdp = {remat: estimate(name, mesh={"data": 1, "fsdp": -1}, remat=remat, **common) for remat in REMAT}
+    fsdp = {remat: estimate(name, mesh={"data": 1, "fsdp": -1}, remat=remat, **common)
+            for remat in models.REMAT_POLICIES}
+    remats = remats or sorted(fsdp, key=lambda r: -fsdp[r].activations)
     state = lambda e: (e.params + e.gradients + e.optimizer) / GIB
     cells = [name, f"{dp.num_params / 1e6:.1f} M", f"{state(dp):.2f}", f"{state(fsdp['none']):.2f}"]
-    cells += [f"{fsdp[r].activations / GIB:.2f}" for r in REMAT]
-    cells += [f"{fsdp['none'].total / GIB:.2f}", f"{fsdp['full'].total / GIB:.2f}"]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+    cells += [f"{fsdp[r].activations / GIB:.2f}" for r in remats]
+    cells += [f"{fsdp[remats[0]].total / GIB:.2f}", f"{fsdp[remats[-1]].total / GIB:.2f}"]
+    rows.append("| " + " | ".join(cells) + " |")
+  activations = [f"activations remat={remats[0]}"] + remats[1:]
+  return "\n".join([
+      f"Per chip, {setup['image_size']} px, {setup['dtype']} compute, {setup['optimizer']} (float32 state), "
+      f"{setup['per_device_batch']} images per chip, {setup['num_devices']} chips; GiB.",
+      "",
+      "| model | params | state, data-parallel | state, fsdp=8 | " + " | ".join(activations) +
+      f" | total fsdp=8, {remats[0]} | total fsdp=8, {remats[-1]} |",
+      "|---|---:|---:|---:|" + "---:|" * len(remats) + "---:|---:|",
+      *rows,
+  ])
 
 
 # --- CLI --------------------------------------------------------------------------------------------------------
 
 
-def _report(e: Estimate, args) -> str:
+def define_flags():
+  """Flags of this tool, defined only when it runs."""
+  cli.define_flags("model_name", "batch", "image_size", "num_classes", "optimizer", "remat", "dtype", "mesh",
+                   model_name="ViT-B_16", batch=512, image_size=224, optimizer="adamw", dtype="bfloat16",
+                   mesh={"data": 1})
+  flags.DEFINE_integer("devices", None, "Total number of chips; needed when a mesh size is -1.")
+  flags.DEFINE_enum("momentum_dtype", "float32", list(precision.DTYPES), "Dtype of the optimizer's momentum.")
+  flags.DEFINE_integer("accum_steps", 1, "Gradient-accumulation micro-batches per step.")
+  flags.DEFINE_bool("table", False, "Print the table of docs/scaling.md instead.")
+
+
+def report(e: Estimate, *, model_name, optimizer, remat, dtype, mesh_sizes, batch, image_size) -> str:
   rows = [("parameters (float32)", e.params), ("gradients (float32)", e.gradients),
-          (f"optimizer state ({args['optimizer']})", e.optimizer),
-          (f"activations (remat={args['remat']}, {args['dtype']}, {e.per_device_batch:g} images)", e.activations),
+          (f"optimizer state ({optimizer})", e.optimizer),
+          (f"activations (remat={remat}, {dtype}, {e.per_device_batch:g} images)", e.activations),
           ("total", e.total)]
   width = max(len(r[0]) for r in rows)
-  head = (f"{args['model_name']}: {e.num_params:,} parameters; per device of mesh {args['mesh']}, "
-          f"batch {args['batch']} at {args['image_size']} px")
+  head = (f"{model_name}: {e.num_params:,} parameters; per device of mesh {mesh_sizes}, "
+          f"batch {batch} at {image_size} px")
   return "\n".join([head] + [f"  {label:<{width}}  {value / GIB:9.3f} GiB" for label, value in rows])
 
 
 def main():
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from vit_jax.errors import run_cli  # pylint: disable=g-import-not-at-top
-
-  flags.DEFINE_string("model_name", "ViT-B_16", "Registry model name.")
-  flags.DEFINE_integer("batch", 512, "Global batch size.")
-  flags.DEFINE_integer("image_size", 224, "Image height and width in pixels.")
-  flags.DEFINE_integer("devices", None, "Total number of chips; needed when a mesh size is -1.")
-  flags.DEFINE_string("optimizer", "adamw", "adamw or sgd.")
-  flags.DEFINE_string("momentum_dtype", "float32", "float32 or bfloat16 (optimizer state).")
-  flags.DEFINE_string("remat", "none", "none, save_dots or full.")
-  flags.DEFINE_string("dtype", "bfloat16", "Compute dtype: bfloat16 (what training picks on GPU/TPU) or float32.")
-  flags.DEFINE_integer("num_classes", 1000, "Classes of the head.")
-  flags.DEFINE_integer("accum_steps", 1, "Gradient-accumulation micro-batches per step.")
-  flags.DEFINE_bool("table", False, "Print the table of docs/scaling.md instead.")
-  mesh_flag = config_flags.DEFINE_config_dict(
-      "mesh", ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), "Mesh sizes, e.g. --mesh.fsdp=8.")
-  f = flags.FLAGS
-
-  def run(argv):
-    if len(argv) > 1:
-      raise UserError(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value")
-    if f.table:
-      print(table())
-      return
-    mesh = mesh_flag.value.to_dict()
-    e = estimate(f.model_name, batch=f.batch, image_size=f.image_size, mesh=mesh, devices=f.devices,
-                 optimizer=f.optimizer, remat=f.remat, dtype=f.dtype, momentum_dtype=f.momentum_dtype,
-                 num_classes=f.num_classes, accum_steps=f.accum_steps)
-    print(_report(e, dict(model_name=f.model_name, optimizer=f.optimizer, remat=f.remat, dtype=f.dtype,
-                          mesh=mesh_shape(mesh, f.devices), batch=f.batch, image_size=f.image_size)))
-
-  app.run(lambda argv: run_cli(run, argv))
+  if FLAGS.table:
+    print(table())
+    return
+  mesh = cli.mesh_config()
+  e = estimate(FLAGS.model_name, batch=FLAGS.batch, image_size=FLAGS.image_size, mesh=mesh, num_devices=FLAGS.devices,
+               optimizer=FLAGS.optimizer, remat=FLAGS.remat, dtype=FLAGS.dtype, momentum_dtype=FLAGS.momentum_dtype,
+               num_classes=FLAGS.num_classes, accum_steps=FLAGS.accum_steps)
+  print(report(e, model_name=FLAGS.model_name, optimizer=FLAGS.optimizer, remat=FLAGS.remat, dtype=FLAGS.dtype,
+               mesh_sizes=sharding.resolve_mesh_sizes(mesh, FLAGS.devices), batch=FLAGS.batch,
+               image_size=FLAGS.image_size))
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main)

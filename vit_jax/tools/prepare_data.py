@@ -1,6 +1,6 @@
 """Prepares a TFDS catalog dataset in ArrayRecord format, for random access by the training pipeline.
 
-  python -m vit_jax.data.prepare --dataset=cifar10 [--data_dir=DIR] [--manual_dir=DIR]
+  python -m vit_jax.tools.prepare_data --dataset=cifar10 [--data_dir=DIR] [--manual_dir=DIR]
 
 TFDS shows download and generation progress bars. Builders that encode images from arrays (cifar10,
 cifar100, mnist, ...) need TensorFlow for that step only: pip install 'vit_jax[tfds]' (tensorflow-cpu).

@@ -12,7 +12,6 @@ Where the architecture comes from:
 Any parameter whose shape differs from what that model expects is a UserError naming it.
 """
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Optional
@@ -24,24 +23,26 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax import checkpoint, models
+from vit_jax import models, workdir
 from vit_jax.errors import UserError
+from vit_jax.models import geometry, zoo
 
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.npz"
 _QUERY_KERNEL = re.compile(r"^Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_1/query/kernel$")
 _RESNET_UNIT = re.compile(r"^block(\d+)/unit(\d+)/conv1/kernel$")
+# model.npz is in the zoo's per-layer layout whatever the run's speed options were; inference also wants the
+# unfused attention, which sows the attention maps the pictures need (same numbers, up to rounding).
+_PLAIN_OPTIONS = {"scan_layers": False, "remat": "none", "fused_attention": False}
 
 
 @dataclasses.dataclass
 class TrainedModel:
   model: Any  # VisionTransformer with the checkpoint's head
   params: Any  # nested dict of arrays
-  model_config: ml_collections.ConfigDict
+  model_config: ml_collections.ConfigDict  # the registry's kind of model config
   image_size: int  # the resolution `params` are for (position embeddings match it)
-  pp: ml_collections.ConfigDict  # test preprocessing: crop (= image_size), resize (None or >= crop)
+  pp: dict  # test preprocessing {'crop' (= image_size), 'resize' (None or >= crop)}, as `vit_jax.data` takes it
   class_names: Optional[tuple]  # None when unknown (bare .npz without a labels file)
-  run_config: Optional[ml_collections.ConfigDict]  # the training run's config when loaded from a workdir
+  run_config: Optional[ml_collections.ConfigDict]  # the training run's config.json when loaded from a workdir
   source: str  # the path given
 
   @property
@@ -51,48 +52,51 @@ class TrainedModel:
   def label(self, index):
     return self.class_names[index] if self.class_names else str(index)
 
-  def features_model(self):
-    """(module, params) that return pre-logit features: the head removed, the representation layer kept."""
-    params = {k: v for k, v in self.params.items() if k != "head"}
-    return self.model.clone(num_classes=0), params
+  def run_setting(self, key, default=None):
+    """`key` of the run's config (dots for nested keys, e.g. 'pp.test'), or `default` for a bare .npz."""
+    value = self.run_config
+    for part in key.split("."):
+      if value is None or part not in value:
+        return default
+      value = value[part]
+    return default if value is None else value
 
 
 def flat_shapes(params):
-  return {"/".join(k): tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(params).items()}
+  return {key: tuple(np.shape(value)) for key, value in zoo.flatten(params).items()}
 
 
 def config_from_shapes(shapes):
-  """The `VisionTransformer` config a zoo parameter tree of these flat shapes was built from."""
+  """The `VisionTransformer` config a zoo parameter tree of these flat shapes was built from (a model config like
+  the registry's, for a file that names none)."""
   if "embedding/kernel" not in shapes:
     raise UserError("checkpoint has no patch embedding (embedding/kernel); it is not a ViT checkpoint")
   ph, pw, _, hidden = shapes["embedding/kernel"]
   layers = sorted(int(m.group(1)) for k in shapes if (m := _QUERY_KERNEL.match(k)))
-  config = ml_collections.ConfigDict()
-  config.model_name = None
-  config.patches = ml_collections.ConfigDict({"size": (ph, pw)})
-  config.hidden_size = hidden
+  transformer = None
   if layers:
-    _, heads, _ = shapes[f"Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"]
+    _, heads, _ = shapes["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"]
     mlp = shapes["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"][-1]
-    config.transformer = ml_collections.ConfigDict(dict(
-        num_layers=len(layers), mlp_dim=mlp, num_heads=heads, dropout_rate=0.0, attention_dropout_rate=0.0))
-  else:
-    config.transformer = None
-  config.classifier = "token" if "cls" in shapes else "gap"
-  config.representation_size = shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in shapes else None
+    transformer = dict(num_layers=len(layers), mlp_dim=mlp, num_heads=heads, dropout_rate=0.0,
+                       attention_dropout_rate=0.0)
+  resnet = None
   if "conv_root/kernel" in shapes:
     units = {}
     for key in shapes:
       if m := _RESNET_UNIT.match(key):
         units[int(m.group(1))] = max(units.get(int(m.group(1)), 0), int(m.group(2)))
-    config.resnet = ml_collections.ConfigDict({
-        "num_layers": tuple(units[s] for s in sorted(units)),
-        "width_factor": shapes["conv_root/kernel"][-1] / 64})
-  return config
+    resnet = {"num_layers": tuple(units[s] for s in sorted(units)), "width_factor": shapes["conv_root/kernel"][-1] / 64}
+  config = dict(model_name=None, patches={"size": (ph, pw)}, hidden_size=hidden, transformer=transformer,
+                classifier="token" if "cls" in shapes else "gap",
+                representation_size=shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in shapes else None)
+  if resnet is not None:
+    config["resnet"] = resnet
+  return ml_collections.ConfigDict(config)  # the type `models.get_model_config` returns
 
 
 def _expected_shapes(model, image_size):
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  height, width = geometry.image_hw(image_size)
+  images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
   abstract = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)["params"]
   return flat_shapes(abstract)
 
@@ -101,7 +105,7 @@ def check_params_match(params, model, image_size, what):
   """UserError naming the first difference when `params` are not `model`'s (position-embedding length aside)."""
   expected = _expected_shapes(model, image_size)
   differences = [f"{key} is {g or 'missing'} in the checkpoint but {w or 'missing'} in the model"
-                 for key, g, w in checkpoint.shape_differences(flat_shapes(params), expected)]
+                 for key, g, w in zoo.shape_differences(flat_shapes(params), expected)]
   if differences:
     raise UserError(f"checkpoint does not match {what}: {len(differences)} difference(s), first: "
                     f"{differences[0]}; pass the --model_name the checkpoint was trained with (or its workdir)")
@@ -109,49 +113,38 @@ def check_params_match(params, model, image_size, what):
 
 def posemb_image_size(params, model_config):
   """The (square) image size the checkpoint's position embeddings were trained at."""
-  tokens = flat_shapes(params)[checkpoint.POSEMB_KEY][1]
-  grid = tokens - int(model_config.get("classifier", "token") in ("token", "token_unpooled"))
+  tokens = flat_shapes(params)[zoo.POSEMB_KEY][1]
+  grid = tokens - int(geometry.has_class_token(model_config))
   side = int(round(np.sqrt(grid)))
   if side * side != grid:
     raise UserError(f"checkpoint's position embedding has {grid} grid tokens, not a square grid; "
                     "only square images are supported here")
-  return side * models.downsampling(model_config.patches, model_config.get("resnet"))[0]
+  return side * geometry.stride(model_config)[0]
 
 
 def resize_posemb(params, model_config, image_size):
-  """`params` with position embeddings resampled for `image_size` (2-D linear, as zoo fine-tuning does)."""
-  stride = models.downsampling(model_config.patches, model_config.get("resnet"))
-  if image_size % stride[0]:
-    raise UserError(f"image size {image_size} is not a multiple of the model's patch size {stride[0]}; "
-                    f"use e.g. {max(1, round(image_size / stride[0])) * stride[0]}")
-  tokens = models.num_tokens(model_config, image_size)
+  """`params` with position embeddings resampled for `image_size` (`zoo.resample_posemb`: 2-D linear, as zoo
+  fine-tuning does)."""
+  stride = geometry.stride(model_config)[0]
+  if image_size % stride:
+    raise UserError(f"image size {image_size} is not a multiple of the model's patch size {stride}; "
+                    f"use e.g. {max(1, round(image_size / stride)) * stride}")
   posemb = params["Transformer"]["posembed_input"]["pos_embedding"]
-  if posemb.shape[1] == tokens:
+  resized = zoo.resample_posemb(posemb, model_config, image_size)
+  if resized is posemb:
     return params
-  has_class_token = model_config.get("classifier", "token") in ("token", "token_unpooled")
-  resized = checkpoint.interpolate_posembed(posemb, tokens, has_class_token)
   logging.info("Resized position embeddings %s -> %s for %dpx images.", posemb.shape, resized.shape, image_size)
-  params = flax.traverse_util.flatten_dict(params)
-  params[("Transformer", "posembed_input", "pos_embedding")] = resized
-  return flax.traverse_util.unflatten_dict(params)
-
-
-def read_run_config(workdir):
-  path = os.path.join(workdir, CONFIG_FILE)
-  try:
-    with open(path, encoding="utf-8") as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except FileNotFoundError:
-    raise UserError(f"{workdir} has no {CONFIG_FILE}; pass a training workdir or a .npz file") from None
-  except (json.JSONDecodeError, OSError) as e:
-    raise UserError(f"cannot read {path}: {e}") from None
+  flat = zoo.flatten(params)
+  flat[zoo.POSEMB_KEY] = resized
+  return flax.traverse_util.unflatten_dict({tuple(key.split("/")): value for key, value in flat.items()})
 
 
 def _dataset_class_names(run_config):
   """Class names of the run's dataset, or None (logged) when the dataset cannot be opened here."""
   from vit_jax import data  # pylint: disable=g-import-not-at-top  (grain/TFDS only when needed)
   try:
-    return tuple(data.get_dataset_info(run_config).class_names)
+    return tuple(data.open_source(run_config.dataset, run_config.get("pp", {}).get("train", "train"),
+                                  tfds_data_dir=run_config.get("tfds_data_dir")).class_names)
   except Exception as e:  # pylint: disable=broad-except  # e.g. TFDS dataset not prepared on this machine
     logging.warning("Class names of dataset %r unavailable (%s); using class indices.", run_config.dataset, e)
     return None
@@ -169,57 +162,65 @@ def read_labels_file(path, num_classes):
   return tuple(names)
 
 
-def load(checkpoint_path, *, model_name=None, image_size=None, labels_path=None, with_class_names=True):
-  """A `TrainedModel` from a workdir (config.json + model.npz) or a zoo `.npz` file."""
-  run_config = None
+def _read_checkpoint(checkpoint_path):
+  """(params, the run's config or None) of a workdir (config.json + model.npz) or a zoo `.npz`."""
   if os.path.isdir(checkpoint_path):
-    run_config = read_run_config(checkpoint_path)
-    npz = os.path.join(checkpoint_path, MODEL_FILE)
+    # The tool genuinely reads a run's config.json here; attribute access keeps the callers short.
+    run_config = ml_collections.ConfigDict(workdir.read_config(checkpoint_path))
+    npz = workdir.path(checkpoint_path, workdir.MODEL_FILE)
     if not os.path.exists(npz):
-      raise UserError(f"workdir {checkpoint_path} has no {MODEL_FILE} yet (training writes it on completion); "
-                      "wait for the run to finish or pass a .npz file")
-    params = checkpoint.load(npz)
-  elif os.path.exists(checkpoint_path) or checkpoint_path.endswith(".npz"):
-    params = checkpoint.load(checkpoint_path)
-  else:
-    raise UserError(f"checkpoint {checkpoint_path} does not exist; pass a training workdir or a .npz file")
-  shapes = flat_shapes(params)
-  num_classes = shapes["head/kernel"][-1] if "head/kernel" in shapes else 0
+      raise UserError(f"workdir {checkpoint_path} has no {workdir.MODEL_FILE} yet (training writes it on "
+                      "completion); wait for the run to finish or pass a .npz file")
+    return zoo.load(npz), run_config
+  if os.path.exists(checkpoint_path) or checkpoint_path.endswith(".npz"):
+    return zoo.load(checkpoint_path), None
+  raise UserError(f"checkpoint {checkpoint_path} does not exist; pass a training workdir or a .npz file")
 
+
+def _model_config(shapes, run_config, model_name, checkpoint_path):
+  """(model config, what it is called in errors): the run's model, the named registry model, or the shapes'."""
   if run_config is not None and not model_name:
-    model_name = run_config.model_name
-    overrides = run_config.get("model", ml_collections.ConfigDict()).to_dict()
-    what = f"model {model_name} of {checkpoint_path}/{CONFIG_FILE}"
+    model_config = models.get_model_config(run_config.model_name)
+    if run_config.get("model"):
+      model_config.update(run_config.model.to_dict())
+    what = f"model {run_config.model_name} of {checkpoint_path}/{workdir.CONFIG_FILE}"
   elif model_name:
-    overrides = {"representation_size": shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in shapes else None}
+    model_config = models.get_model_config(model_name)
+    model_config.representation_size = shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in shapes else None
     what = f"model {model_name}"
   else:
-    model_name, overrides, what = None, None, "the architecture read off its shapes"
-  if model_name:
-    model_config = models.get_model_config(model_name)
-    model_config.update(overrides)
-  else:
-    model_config = config_from_shapes(shapes)
-  # model.npz is in the zoo's per-layer layout whatever the run's speed options were; inference also wants the
-  # unfused attention, which sows the attention maps the pictures need (same numbers, up to rounding).
-  for field, plain in (("scan_layers", False), ("remat", "none"), ("fused_attention", False)):
+    model_config, what = config_from_shapes(shapes), "the architecture read off its shapes"
+  for field, plain in _PLAIN_OPTIONS.items():
     if field in models.VisionTransformer.__dataclass_fields__:
       model_config[field] = plain
+  return model_config, what
+
+
+def _test_pp(image_size, run_config):
+  """The test preprocessing at `image_size`, keeping a run's crop fraction (e.g. resize 256 -> crop 224)."""
+  pp = {"crop": image_size, "resize": None}
+  if run_config is not None and run_config.get("pp", {}).get("resize"):
+    pp["resize"] = int(round(image_size * run_config.pp.resize / run_config.pp.crop))
+  return pp
+
+
+def load(checkpoint_path, *, model_name=None, image_size=None, labels_path=None, with_class_names=True):
+  """A `TrainedModel` from a workdir (config.json + model.npz) or a zoo `.npz` file."""
+  params, run_config = _read_checkpoint(checkpoint_path)
+  shapes = flat_shapes(params)
+  num_classes = shapes["head/kernel"][-1] if "head/kernel" in shapes else 0
+  model_config, what = _model_config(shapes, run_config, model_name, checkpoint_path)
   model = models.VisionTransformer(num_classes=num_classes, **model_config)
 
   # Position-embedding length aside, shapes do not depend on the image size: check at one patch per side.
-  check_params_match(params, model, models.downsampling(model_config.patches, model_config.get("resnet"))[0], what)
-  trained_size = posemb_image_size(params, model_config) if model_config.get("transformer") else None
+  check_params_match(params, model, geometry.stride(model_config), what)
+  has_transformer = bool(model_config.get("transformer"))
+  trained_size = posemb_image_size(params, model_config) if has_transformer else None
   if trained_size is None:
     trained_size = run_config.pp.crop if run_config is not None else 224
   image_size = int(image_size or trained_size)
-  if model_config.get("transformer"):
+  if has_transformer:
     params = resize_posemb(params, model_config, image_size)
-
-  pp = ml_collections.ConfigDict({"crop": image_size, "resize": None})
-  if run_config is not None and run_config.get("pp", {}).get("resize"):
-    # Keep the run's crop fraction (e.g. resize 256 -> crop 224) at the new resolution.
-    pp.resize = int(round(image_size * run_config.pp.resize / run_config.pp.crop))
 
   class_names = None
   if labels_path:
@@ -229,5 +230,6 @@ def load(checkpoint_path, *, model_name=None, image_size=None, labels_path=None,
     if class_names is not None and len(class_names) != num_classes:
       logging.warning("Dataset has %d classes, the model %d; using class indices.", len(class_names), num_classes)
       class_names = None
-  return TrainedModel(model=model, params=params, model_config=model_config, image_size=image_size, pp=pp,
-                      class_names=class_names, run_config=run_config, source=checkpoint_path)
+  return TrainedModel(model=model, params=params, model_config=model_config, image_size=image_size,
+                      pp=_test_pp(image_size, run_config), class_names=class_names, run_config=run_config,
+                      source=checkpoint_path)

@@ -1,11 +1,11 @@
 """PNG figures of a trained ViT (as in the paper's Figs. 6 and 7) and of a training run.
 
-  python -m vit_jax.visualize attention --checkpoint=runs/quickstart --output=attention.png IMAGE...
-  python -m vit_jax.visualize attention --checkpoint=runs/quickstart --dataset=digits --num_images=6
-  python -m vit_jax.visualize posemb --checkpoint=ViT-B_16.npz --output=posemb.png
-  python -m vit_jax.visualize filters --checkpoint=ViT-B_16.npz --output=filters.png
-  python -m vit_jax.visualize distance --checkpoint=runs/quickstart --dataset=digits --num_images=64
-  python -m vit_jax.visualize curves --workdir=runs/quickstart            # writes runs/quickstart/curves.png
+  python -m vit_jax.tools.visualize attention --checkpoint=runs/quickstart --output=attention.png IMAGE...
+  python -m vit_jax.tools.visualize attention --checkpoint=runs/quickstart --dataset=digits --num_images=6
+  python -m vit_jax.tools.visualize posemb --checkpoint=ViT-B_16.npz --output=posemb.png
+  python -m vit_jax.tools.visualize filters --checkpoint=ViT-B_16.npz --output=filters.png
+  python -m vit_jax.tools.visualize distance --checkpoint=runs/quickstart --dataset=digits --num_images=64
+  python -m vit_jax.tools.visualize curves --workdir=runs/quickstart            # writes runs/quickstart/curves.png
 
 - attention: attention rollout over each input image: the image, the rollout map, the image masked by it (Fig. 6).
 - posemb: cosine similarity of each patch's position embedding with every other patch's, a grid of grids (Fig. 7
@@ -14,36 +14,31 @@
   only (a hybrid's patch embedding sees ResNet features, not pixels).
 - distance: mean attention distance of every head against depth, over a batch of images (Fig. 7 right).
 - curves: loss, accuracy and learning rate of a workdir's metrics.jsonl (`plot_training_curves(workdir)`, which
-  training calls at the end).
+  `vit_jax.main` calls when training ends).
 Images come from files (any format, through the test preprocessing) or from `--dataset` (its `--split`).
+`--output` is the PNG to write; default KIND.png (curves: WORKDIR/curves.png).
 """
-import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 import numpy as np
 
-from vit_jax import attention_maps, image_files, models, trained_model
-from vit_jax.errors import UserError, run_cli
+from vit_jax import workdir as workdir_lib
+from vit_jax.data import files
+from vit_jax.errors import UserError
+from vit_jax.models import geometry
+from vit_jax.tools import attention_maps, cli, trained_model
 
 FLAGS = flags.FLAGS
+KINDS = ("attention", "posemb", "filters", "distance", "curves")
+_DPI = 120
 
 
 def define_flags():
-  """Flags of this CLI, defined only when it runs (other CLIs use the same names)."""
-  flags.DEFINE_string("checkpoint", None, "Training workdir or zoo .npz file.")
-  flags.DEFINE_string("model_name", None, "Registry name of the .npz's model, e.g. ViT-B_16.")
-  flags.DEFINE_integer("image_size", None, "Resolution; default: the checkpoint's.")
-  flags.DEFINE_string("dataset", None, "Take images from this dataset (digits, TFDS name, folder).")
-  flags.DEFINE_string("split", "test", "Split of --dataset.")
+  """Flags of this tool, defined only when it runs."""
+  cli.define_flags("checkpoint", "model_name", "image_size", "dataset", "split", "tfds_data_dir", "output")
   flags.DEFINE_integer("num_images", None, "Images from --dataset (default: 6 attention, 32 distance).")
   flags.DEFINE_string("workdir", None, "Training workdir, for `curves`.")
-  flags.DEFINE_string("output", None, "PNG to write; default: KIND.png (curves: WORKDIR/curves.png).")
-
-KINDS = ("attention", "posemb", "filters", "distance", "curves")
-CURVES_FILE = "curves.png"
-METRICS_FILE = "metrics.jsonl"
-_DPI = 120
 
 
 def _pyplot():
@@ -58,12 +53,8 @@ def _pyplot():
 
 def _save(fig, path):
   plt = _pyplot()
-  directory = os.path.dirname(os.path.abspath(path))
   try:
-    os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
-  except OSError as e:
-    raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    cli.write_output(path, lambda p: fig.savefig(p, dpi=_DPI, bbox_inches="tight"))
   finally:
     plt.close(fig)
   logging.info("Wrote %s", path)
@@ -118,8 +109,8 @@ def posemb_similarity(posemb, grid, num_prefix_tokens):
 def plot_posemb(trained, output):
   config = trained.model_config
   attention_maps.require_attention(config, "position-embedding similarity")
-  grid = attention_maps.grid_shape(config, trained.image_size)
-  prefix = int(attention_maps.has_class_token(config))
+  grid = geometry.grid_shape(config, trained.image_size)
+  prefix = int(geometry.has_class_token(config))
   similarity = posemb_similarity(trained.params["Transformer"]["posembed_input"]["pos_embedding"], grid, prefix)
   gh, gw = grid
   # One mosaic with 1-pixel gaps: readable up to large grids, unlike gh * gw separate axes.
@@ -175,9 +166,9 @@ def plot_distance(trained, images, output):
   config = trained.model_config
   attention_maps.require_attention(config, "mean attention distance")
   weights = attention_maps.attention_weights(trained.model, trained.params, images)
-  grid = attention_maps.grid_shape(config, trained.image_size)
-  stride = models.downsampling(config.patches, config.get("resnet"))
-  prefix = int(attention_maps.has_class_token(config))
+  grid = geometry.grid_shape(config, trained.image_size)
+  stride = geometry.stride(config)
+  prefix = int(geometry.has_class_token(config))
   distances = np.stack([attention_maps.mean_attention_distance(w, grid, stride, prefix) for w in weights])
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -195,34 +186,19 @@ def plot_distance(trained, images, output):
   return _save(fig, output)
 
 
-def read_metrics(workdir):
-  path = os.path.join(workdir, METRICS_FILE)
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-  except FileNotFoundError:
-    raise UserError(f"{workdir} has no {METRICS_FILE}; pass the workdir of a training run") from None
-  records = []
-  for line in lines:
-    try:
-      records.append(json.loads(line))
-    except ValueError:  # a line cut short by a kill
-      continue
-  if not records:
-    raise UserError(f"{path} holds no metrics yet; plot once the run has logged a step")
-  return records
-
-
 def plot_training_curves(workdir, output=None):
   """Writes loss / accuracy / learning-rate curves of `workdir` to `output` (default WORKDIR/curves.png)."""
-  records = read_metrics(workdir)
-  output = output or os.path.join(workdir, CURVES_FILE)
+  records = workdir_lib.read_metrics(workdir)
+  if not records:
+    raise UserError(f"{workdir_lib.path(workdir, workdir_lib.METRICS_FILE)} holds no metrics yet; plot once the run "
+                    "has logged a step")
+  output = output or workdir_lib.path(workdir, workdir_lib.CURVES_FILE)
   panels = [("loss", ("train_loss", "test_loss")), ("accuracy", ("train_accuracy", "test_accuracy")),
             ("learning rate", ("learning_rate",))]
   panels = [(title, [k for k in keys if any(k in r for r in records)]) for title, keys in panels]
   panels = [(title, keys) for title, keys in panels if keys]
   if not panels:
-    raise UserError(f"{workdir}/{METRICS_FILE} has no loss, accuracy or learning-rate values to plot")
+    raise UserError(f"{workdir}/{workdir_lib.METRICS_FILE} has no loss, accuracy or learning-rate values to plot")
   plt = _pyplot()
   fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
   for ax, (title, keys) in zip(axes[0], panels):
@@ -247,10 +223,10 @@ def plot_training_curves(workdir, output=None):
 def _images(trained, paths, default_count):
   """(images [n, size, size, 3], titles) from files or --dataset."""
   if paths:
-    files, _ = image_files.expand(paths)
+    found, _ = files.expand(paths)
     images, titles, skipped = [], [], []
-    for path in files:
-      image, reason = image_files.load(path, trained.pp)
+    for path in found:
+      image, reason = files.load(path, trained.pp)
       if image is None:
         skipped.append(f"{path} ({reason})")
         continue
@@ -259,15 +235,14 @@ def _images(trained, paths, default_count):
     if skipped:
       logging.warning("Skipped %d unreadable image(s): %s", len(skipped), "; ".join(skipped))
     if not images:
-      raise UserError(f"none of the {len(files)} image(s) could be read, e.g. {skipped[0]}")
+      raise UserError(f"none of the {len(found)} image(s) could be read, e.g. {skipped[0]}")
     return np.stack(images), titles
   if not FLAGS.dataset:
     raise UserError("pass image files or folders, or --dataset=NAME to take images from a dataset")
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from vit_jax import data  # pylint: disable=g-import-not-at-top
+  from vit_jax import data  # pylint: disable=g-import-not-at-top  (grain/TFDS only when needed)
   from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  source = data.open_source(ml_collections.ConfigDict({"dataset": FLAGS.dataset, "tfds_data_dir": None}),
-                            FLAGS.split)
+  source = data.open_source(FLAGS.dataset, FLAGS.split or trained.run_setting("pp.test", "test"),
+                            tfds_data_dir=FLAGS.tfds_data_dir or trained.run_setting("tfds_data_dir"))
   count = min(FLAGS.num_images or default_count, len(source))
   if count < 1:
     raise UserError(f"--num_images={FLAGS.num_images} must be at least 1")
@@ -280,11 +255,11 @@ def _images(trained, paths, default_count):
   return np.stack([e["image"] for e in examples]), [f"label {names[int(e['label'])]}" for e in examples]
 
 
-def main(argv):
-  if len(argv) < 2 or argv[1] not in KINDS:
-    raise UserError(f"usage: python -m vit_jax.visualize {{{'|'.join(KINDS)}}} [--flags] [IMAGE...]; "
-                    f"got {' '.join(argv[1:2]) or 'nothing'}")
-  kind, paths = argv[1], argv[2:]
+def main(args):
+  if not args or args[0] not in KINDS:
+    raise UserError(f"usage: python -m vit_jax.tools.visualize {{{'|'.join(KINDS)}}} [--flags] [IMAGE...]; "
+                    f"got {' '.join(args[:1]) or 'nothing'}")
+  kind, paths = args[0], args[1:]
   if kind == "curves":
     workdir = FLAGS.workdir or FLAGS.checkpoint
     if not workdir:
@@ -316,4 +291,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(lambda argv: run_cli(main, argv))
+  cli.run(main, arguments=True)

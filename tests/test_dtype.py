@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from vit_jax import compute_dtype, train
+from vit_jax import train
+from vit_jax.models import precision
 from vit_jax.errors import UserError
 
 # /proc/cpuinfo excerpts: an AMD Zen 4 (AVX512-BF16) and a Zen 3 (AVX2 only), as they list their first core.
@@ -28,41 +29,41 @@ def cpuinfo(tmp_path, text):
 
 
 def test_cpu_flags_come_from_the_flags_line():
-  assert {"avx2", "avx512_bf16"} <= compute_dtype.cpu_flags(ZEN4)
-  assert "avx512_bf16" not in compute_dtype.cpu_flags(MISLEADING)
-  assert compute_dtype.cpu_flags("processor\t: 0\n") == set()
+  assert {"avx2", "avx512_bf16"} <= precision.cpu_flags(ZEN4)
+  assert "avx512_bf16" not in precision.cpu_flags(MISLEADING)
+  assert precision.cpu_flags("processor\t: 0\n") == set()
 
 
 @pytest.mark.parametrize("text, expected", [(ZEN4, "bfloat16"), (ZEN3, "float32"), (MISLEADING, "float32"),
                                             ("flags\t\t: avx2 amx_bf16 amx_tile\n", "bfloat16")])
 def test_auto_on_cpu_follows_its_bf16_instructions(tmp_path, text, expected):
-  assert compute_dtype.resolve("auto", "cpu", cpuinfo(tmp_path, text)) == expected
+  assert precision.resolve_dtype("auto", "cpu", cpuinfo(tmp_path, text)) == expected
 
 
 def test_auto_on_cpu_is_float32_when_the_flags_cannot_be_read(tmp_path):
-  assert compute_dtype.resolve("auto", "cpu", str(tmp_path / "missing")) == "float32"
+  assert precision.resolve_dtype("auto", "cpu", str(tmp_path / "missing")) == "float32"
 
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 def test_auto_on_accelerators_is_bfloat16(tmp_path, platform):
-  assert compute_dtype.resolve("auto", platform, cpuinfo(tmp_path, ZEN3)) == "bfloat16"
+  assert precision.resolve_dtype("auto", platform, cpuinfo(tmp_path, ZEN3)) == "bfloat16"
 
 
 @pytest.mark.parametrize("name", ["float32", "bfloat16"])
 def test_explicit_dtypes_are_kept_everywhere(tmp_path, name):
   for platform in ("cpu", "gpu"):
-    assert compute_dtype.resolve(name, platform, cpuinfo(tmp_path, ZEN3)) == name
+    assert precision.resolve_dtype(name, platform, cpuinfo(tmp_path, ZEN3)) == name
 
 
 def test_unknown_dtype_names_the_value_and_the_choices():
   with pytest.raises(UserError, match="unknown dtype 'fp16'; use one of auto, float32, bfloat16"):
-    compute_dtype.resolve("fp16", "cpu")
+    precision.resolve_dtype("fp16", "cpu")
 
 
 def test_training_builds_its_model_in_the_resolved_dtype():
   config = ml_collections.ConfigDict(dict(model_name="testing", model={}, dtype="auto"))
   assert train.create_model(config, 10, "gpu").dtype == jnp.bfloat16
-  expected = jnp.bfloat16 if compute_dtype.cpu_has_bf16_matmul() else jnp.float32
+  expected = jnp.bfloat16 if precision.cpu_has_bf16_matmul() else jnp.float32
   assert train.create_model(config, 10, "cpu").dtype == expected
   config.dtype = "float32"
   assert train.create_model(config, 10, "gpu").dtype == jnp.float32

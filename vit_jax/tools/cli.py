@@ -1,0 +1,146 @@
+"""What the tools share on the command line: each shared flag defined once with one help text, the `--output`
+writer, and `run`, the entry of every tool's `__main__`.
+
+The convention, for every tool:
+
+  def define_flags():                                   # the tool's flags, defined only when it runs
+    cli.define_flags("checkpoint", "model_name", "batch_size", batch_size=32)   # shared ones (default overridable)
+    flags.DEFINE_integer("top_k", 5, "...")                                     # its own ones
+
+  if __name__ == "__main__":
+    define_flags()
+    cli.run(main)                                       # main() takes no argument; cli.run(main, arguments=True)
+                                                        # passes the positional arguments to main(args)
+
+Flags are defined when the tool runs, not when it is imported: tools import one another (`visualize` uses
+`trained_model`, the train CLI uses `visualize`) and absl refuses a flag defined twice.
+"""
+import dataclasses
+import math
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence, Union
+
+from absl import app, flags
+import jax
+
+from vit_jax import models, optim
+from vit_jax.errors import UserError, run_cli
+from vit_jax.models import precision
+from vit_jax.sharding import MESH_AXES
+
+FLAGS = flags.FLAGS
+# Flags that `define_flags` defines belong to the tool that calls it: its `--help` lists them.
+flags.disclaim_key_flags()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flag:
+  kind: str  # string | integer | bool | enum | mesh
+  default: Any
+  help: str
+  choices: Optional[Sequence[str]] = None
+
+
+# Every flag more than one tool takes. A tool may change a default (`define_flags(..., name=default)`), never a
+# meaning: the help text is the same everywhere.
+SHARED_FLAGS = {
+    # A trained model and what it is evaluated on.
+    "checkpoint": _Flag("string", None, "Training workdir (config.json + model.npz) or zoo .npz file."),
+    "model_name": _Flag("string", None, "Registry model name, e.g. ViT-B_16 (for a .npz: the architecture it is "
+                                        "checked against; without it the architecture is read off the shapes)."),
+    "image_size": _Flag("integer", None, "Image height and width in pixels; a checkpoint's default is the "
+                                         "resolution it was trained at (other sizes resample position embeddings)."),
+    "labels": _Flag("string", None, "Text file with one class name per line, in class-index order."),
+    "dataset": _Flag("string", None, "digits, a TFDS name or an image folder; default: the run's."),
+    "split": _Flag("string", None, "Split in TFDS syntax (test, train[:10%]); default: the run's test split, else "
+                                   "test."),
+    "tfds_data_dir": _Flag("string", None, "Where prepared TFDS datasets live; default: the run's, else TFDS's."),
+    "batch_size": _Flag("integer", 256, "Images per forward pass, global (rounded up to a multiple of the device "
+                                        "count)."),
+    "strict": _Flag("bool", False, "Fail on the first unreadable image instead of skipping and counting it."),
+    "output": _Flag("string", None, "File to write the result to (the tool's docstring says what and its "
+                                    "default)."),
+    "cpu_devices": _Flag("integer", 0, "CPU hosts only: JAX devices the cores are split into (0: auto, as "
+                                       "vit_jax.main does; 1: off)."),
+    # A train step of a registry model (benchmark, memory).
+    "batch": _Flag("integer", None, "Global batch size of the train step (benchmark: 0 = the largest that fits in "
+                                    "device memory)."),
+    "num_classes": _Flag("integer", 1000, "Classes of the model's head."),
+    "optimizer": _Flag("enum", "sgd", "Optimizer of the train step (vit_jax.optim).", optim.OPTIMIZERS),
+    "remat": _Flag("enum", "none", "Rematerialisation policy per encoder block.", tuple(models.REMAT_POLICIES)),
+    "dtype": _Flag("enum", precision.AUTO, "Compute dtype (parameters stay float32); auto: bfloat16 on GPU/TPU and "
+                                           "CPUs with bf16 units, else float32.", precision.DTYPE_CHOICES),
+    "mesh": _Flag("mesh", {"data": -1, "fsdp": 1, "tensor": 1}, "Mesh size of the {axis} axis (-1: the devices the "
+                                                                "other axes leave)."),
+}
+
+
+def define_flags(*names: str, **defaults):
+  """Defines the shared flags `names` (keys of SHARED_FLAGS); `defaults` changes a flag's default for this tool
+  (`mesh` takes a dict of axis sizes and defines `--mesh.data`, `--mesh.fsdp`, `--mesh.tensor`)."""
+  unknown = sorted((set(names) | set(defaults)) - set(SHARED_FLAGS))
+  if unknown or set(defaults) - set(names):
+    raise ValueError(f"no shared flag {unknown or sorted(set(defaults) - set(names))}: define it in the tool, or "
+                     "add it to SHARED_FLAGS")
+  for name in names:
+    spec = SHARED_FLAGS[name]
+    default = defaults.get(name, spec.default)
+    if spec.kind == "mesh":
+      for axis in MESH_AXES:
+        flags.DEFINE_integer(f"mesh.{axis}", {**spec.default, **default}[axis], spec.help.format(axis=axis))
+    elif spec.kind == "enum":
+      flags.DEFINE_enum(name, default, list(spec.choices), spec.help)
+    else:
+      getattr(flags, f"DEFINE_{spec.kind}")(name, default, spec.help)
+
+
+def mesh_config() -> dict:
+  """{'data', 'fsdp', 'tensor'} sizes of the `mesh` flags."""
+  return {axis: FLAGS[f"mesh.{axis}"].value for axis in MESH_AXES}
+
+
+def device_batch(batch_size: int, num_devices: Optional[int] = None) -> int:
+  """`--batch_size` rounded up to a multiple of the device count, so that every device gets an equal share."""
+  if batch_size < 1:
+    raise UserError(f"--batch_size={batch_size} must be at least 1")
+  num_devices = num_devices or jax.device_count()
+  return math.ceil(batch_size / num_devices) * num_devices
+
+
+def write_output(path: str, content: Union[str, Callable[[str], Any]]):
+  """Writes a tool's output file, creating its folder: `content` is text, or a function that writes the file at the
+  path it is given (a figure, a checkpoint). A path that cannot be written is a UserError naming it."""
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if callable(content):
+      content(path)
+    else:
+      with open(path, "w", encoding="utf-8") as f:
+        f.write(content)
+  except OSError as e:
+    raise UserError(f"cannot write {path}: {e.strerror or e}; pass an --output path you can write to") from None
+
+
+def _parse_flags(argv):
+  """absl's parsing, with a bad flag (unknown name, wrong type, value not among the choices) as one error line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    detail = " ".join(str(e).split())
+    print(f"error: bad command-line flag ({detail}); --help lists the flags", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run(main: Callable, *, arguments: bool = False):
+  """Runs a tool: absl parses the flags, `main()` runs (with `arguments`, `main(args)` gets the positional
+  arguments), and a UserError ends the program with one `error:` line and exit status 2 (`errors.run_cli`).
+  A tool without positional arguments rejects any it is given."""
+  def body(argv):
+    args = list(argv[1:])
+    if arguments:
+      return main(args)
+    if args:
+      raise UserError(f"unexpected arguments {' '.join(args)}; pass options as --flag=value (--help lists them)")
+    return main()
+  app.run(lambda argv: run_cli(body, argv), flags_parser=_parse_flags)

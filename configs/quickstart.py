@@ -3,8 +3,8 @@
   make train
   # or: python -m vit_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
 
-Expected: >= 98% test accuracy (360 held-out digits; 99.4-99.7% measured) in 1.5-2.5 minutes on a 2-core CPU
-(docs/benchmarks.md has the measurements per host). The last line of runs/quickstart/metrics.jsonl has the figure.
+Expected: >= 98% test accuracy (360 held-out digits) in a few minutes on a 2-core CPU (docs/benchmarks.md has the
+measurements per host). The last line of runs/quickstart/metrics.jsonl has the figure.
 A 4-layer ViT of width 64 on the digits upsampled to 16 px (patch 4: 16 tokens + class token), AdamW with
 label smoothing and small random affine augmentation; plain shifts reach only ~96%.
 """

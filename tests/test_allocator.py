@@ -143,6 +143,7 @@ def test_mimalloc_is_installed_with_vit_jax():
 
 
 @mimalloc_platform
+@pytest.mark.slow
 def test_reexec_with_mimalloc_reuses_freed_memory():
   result, (first, second, report) = _run_probe()
   assert first["start"] == second["start"], result.stderr  # the same process, started over once
@@ -157,6 +158,7 @@ def test_reexec_with_mimalloc_reuses_freed_memory():
   assert report["second_block_faults"] >= 128, report
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(allocator.allocator_environment({}, **dict(NO_MIMALLOC, system=platform.system(),
                                                                glibc=allocator.glibc_version(),
                                                                thp=allocator.thp_mode())) is None,
@@ -170,6 +172,7 @@ def test_reexec_with_glibc_huge_pages_advises_large_allocations():
   assert report["allocator"] == "system" and report["advised"] is False  # the user's own setting wins
 
 
+@pytest.mark.slow
 def test_bad_choice_is_one_error_line():
   result, starts = _run_probe(VIT_JAX_ALLOCATOR="tcmalloc")
   assert result.returncode == 2 and len(starts) == 1

@@ -20,6 +20,7 @@ def run_benchmark(*args, **environ):
                         capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,extra", [("train", []),
                                         ("train", ["--scan_layers", "--remat=full", "--mesh.fsdp=2"]),
                                         ("infer", ["--dtype=float32", "--fused_attention"])])
@@ -45,6 +46,7 @@ def test_benchmark_reports_one_json_line(mode, extra):
     assert report["scan_layers"] == (mode == "train") and report["fused_attention"] == (mode == "infer")
 
 
+@pytest.mark.slow
 def test_benchmark_bad_input_is_one_error_line():
   result = run_benchmark("--batch=3", "--mesh.data=2")
   assert result.returncode == 2
@@ -64,6 +66,7 @@ print(json.dumps({"img_per_sec": 50.0, "argv": sys.argv[1:], "pythonpath": os.en
 """
 
 
+@pytest.mark.slow
 def test_peer_arguments_are_checked_before_the_benchmark_runs(tmp_path):
   peer = ("--peer_python=/nonexistent/python",)
   assert "--peer_dir" in one_error_line(run_benchmark(*peer))  # no --peer_dir and no VIT_JAX_PEER_DIR
@@ -74,6 +77,7 @@ def test_peer_arguments_are_checked_before_the_benchmark_runs(tmp_path):
   assert "no timm twin for testing" in one_error_line(run_benchmark(*peer, f"--peer_dir={tmp_path}"))
 
 
+@pytest.mark.slow
 def test_peer_runs_on_the_same_shape_after_the_benchmark(tmp_path):
   """A stand-in timm_bench.py (the real one needs a torch venv): the command line and environment it gets."""
   (tmp_path / "timm_bench.py").write_text(FAKE_PEER)
@@ -109,6 +113,7 @@ def test_largest_batch_matches_a_linear_scan(peak, step, limit):
   assert len(tried) <= 10  # a compilation each: far fewer than doubling and bisecting
 
 
+@pytest.mark.slow
 def test_batch_zero_finds_the_largest_batch_that_fits():
   result = run_benchmark("--batch=0", "--memory_limit_gib=0.002", "--compile_only")
   assert result.returncode == 0, result.stderr

@@ -38,6 +38,7 @@ def write_npz(path, flat_arrays):
   return str(path)
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_is_bit_exact(tmp_path):
   params = noisy(init(models.get_model("R+ViT-Ti_16", num_classes=3, hidden_size=32,
                                        transformer=dict(num_layers=2, mlp_dim=16, num_heads=2)), (64, 64)))
@@ -194,6 +195,7 @@ def run_inspect(*args):
                         text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
 
 
+@pytest.mark.slow
 def test_inspect_cli(tmp_path):
   params = init(models.get_model("testing", num_classes=37), (64, 48))
   path = checkpoint.save(params, tmp_path / "testing.npz")
@@ -216,6 +218,7 @@ def test_inspect_cli(tmp_path):
   assert result.stderr.startswith("error: checkpoint") and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_scanned_models_save_and_load_the_zoo_layout(tmp_path):
   overrides = dict(hidden_size=16, transformer=dict(num_layers=3, mlp_dim=8, num_heads=2))
   zoo_params = noisy(init(tiny_testing_model(**overrides), (32, 32)))

@@ -116,6 +116,7 @@ def timm_layout_forward(state, images, num_heads, classifier):
   return x @ s["head.weight"].T + s["head.bias"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", list(MODELS))
 def test_round_trip_is_bit_exact_and_numpy_forward_over_timm_layout_matches_jax(tmp_path, key):
   path, model, _, images, logits = make_checkpoint(tmp_path, key)
@@ -170,6 +171,7 @@ def test_representation_layer_cannot_be_exported(tmp_path):
     convert.export_timm(str(tmp_path / "rep.npz"), str(tmp_path / "rep.safetensors"))
 
 
+@pytest.mark.slow
 def test_cli_both_directions_and_errors(tmp_path):
   path, *_ = make_checkpoint(tmp_path, "vit")
   run = lambda *args: subprocess.run([sys.executable, "-m", "vit_jax.tools.convert", *args], capture_output=True,
@@ -184,6 +186,7 @@ def test_cli_both_directions_and_errors(tmp_path):
   assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: cannot read")
 
 
+@pytest.mark.slow
 def test_import_errors_and_foreign_files(tmp_path):
   path, *_ = make_checkpoint(tmp_path, "vit")
   exported = str(tmp_path / "m.safetensors")
@@ -245,6 +248,7 @@ def _peer_available():
                         env={**os.environ, "PYTHONPATH": PEER_STUB}).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _peer_available(), reason="needs a .peer venv with torch and timm, and VIT_JAX_PEER_DIR")
 @pytest.mark.parametrize("key", ["vit", "gap", "hybrid"])
 def test_timm_loads_strictly_and_matches(tmp_path, key):

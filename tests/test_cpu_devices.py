@@ -42,6 +42,7 @@ def _devices_in_fresh_process(code, **env):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_auto_splits_a_fresh_process():
   got = _devices_in_fresh_process("count = cpu_devices.configure(0, num_params=1000, batch_sizes=(8,))")
   expected = cpu_devices.auto_count(cores=cpu_devices.host_cores(), num_params=1000,
@@ -49,6 +50,7 @@ def test_auto_splits_a_fresh_process():
   assert got == {"set": expected, "devices": expected}
 
 
+@pytest.mark.slow
 def test_explicit_count_and_the_users_own_setting():
   assert _devices_in_fresh_process("count = cpu_devices.configure(3, num_params=1000, batch_sizes=(8,))") == \
       {"set": 3, "devices": 3}
@@ -59,12 +61,14 @@ def test_explicit_count_and_the_users_own_setting():
                                    JAX_NUM_CPU_DEVICES="5") == {"set": None, "devices": 5}
 
 
+@pytest.mark.slow
 def test_after_jax_started_the_count_is_left_alone():
   got = _devices_in_fresh_process("jax.numpy.zeros(1).block_until_ready()\n"
                                   "count = cpu_devices.configure(3, num_params=1000, batch_sizes=(8,))")
   assert got == {"set": None, "devices": 1}
 
 
+@pytest.mark.slow
 def test_main_evaluate_and_infer_split_by_default_and_a_bad_count_is_one_error_line(tmp_path):
   environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
   environ["XLA_FLAGS"] = xla_flags.FAST_COMPILE  # no device count: the CLIs choose it

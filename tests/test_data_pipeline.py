@@ -93,6 +93,7 @@ def test_determinism_by_seed_and_resume_with_prefetch():
   assert _equal(_take(fresh, 5), expected[:5])
 
 
+@pytest.mark.slow
 def test_resume_with_a_worker_process_and_mixup():
   cfg = _config(num_workers=1, batch=16, pp=dict(mixup=0.5, augment="inception_crop"))
   it = _train(cfg, _sharding())

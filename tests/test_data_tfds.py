@@ -116,12 +116,13 @@ def test_tfds_errors(tiny_dir, tmp_path):
   with pytest.raises(UserError, match=r"Unknown split 'val'.*train"):
     _info(_config("vit_jax_tiny_images", tiny_dir, test="val"))
   # Not prepared: fail at once (no download) with the exact command.
-  with pytest.raises(UserError, match=f"python -m vit_jax.tools.prepare_data --dataset=cifar10 --data_dir={tmp_path}"):
+  with pytest.raises(UserError, match=f"python -m vit_jax.tools.prepare_data --dataset=cifar10 --tfds_data_dir={tmp_path}"):
     _info(_config("cifar10", str(tmp_path)))
   with pytest.raises(UserError, match="Did you mean: cifar10"):
     _info(_config("cifar1O", str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_prepare_cli_unknown_dataset_exits_2():
   proc = subprocess.run([sys.executable, "-m", "vit_jax.tools.prepare_data", "--dataset=no_such_dataset_xyz"],
                         capture_output=True, text=True, timeout=120)

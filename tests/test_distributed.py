@@ -13,6 +13,8 @@ from tests import xla_flags
 from vit_jax import distributed
 from vit_jax.errors import UserError
 
+pytestmark = pytest.mark.slow  # trains or starts subprocesses throughout
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

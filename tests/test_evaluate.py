@@ -13,6 +13,8 @@ from vit_jax.evaluators import fewshot
 from vit_jax.tools import cli, evaluate, trained_model
 from vit_jax.errors import UserError
 
+pytestmark = pytest.mark.slow  # trains or starts subprocesses throughout
+
 
 def digits_split(split):
   """(images [n, CROP, CROP, 3] in [-1, 1], labels): the raw 8x8 digits resized with PIL, independently."""

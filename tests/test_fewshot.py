@@ -53,6 +53,7 @@ def digits_evaluation():
   return model, params, evaluator, evaluator(params, model)
 
 
+@pytest.mark.slow
 def test_digits_few_shot_beats_chance_and_matches_hand_computation(digits_evaluation):
   _, params, evaluator, metrics = digits_evaluation
   assert set(metrics) == {f"fewshot_{k}shot_accuracy{s}" for k in (1, 5, 10) for s in ("", "_std")}
@@ -78,6 +79,7 @@ def test_digits_few_shot_beats_chance_and_matches_hand_computation(digits_evalua
   assert metrics["fewshot_5shot_accuracy"] == pytest.approx(np.mean(accuracies), abs=1.5 / 360)
 
 
+@pytest.mark.slow
 def test_evaluator_is_deterministic_and_refuses_unpooled_models(digits_evaluation):
   model, params, evaluator, metrics = digits_evaluation
   assert evaluator(params, model) == metrics  # deterministic, cached images
@@ -89,6 +91,7 @@ def test_evaluator_is_deterministic_and_refuses_unpooled_models(digits_evaluatio
     fewshot.FewShotEvaluator(dataset="digits", pp={"crop": 16}, shots=(0,))
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
   workdir, _ = make_workdir(tmp_path / "run")
   out = run_cli("vit_jax.tools.fewshot", f"--checkpoint={workdir}", "--shots=1,5", "--seeds=1",

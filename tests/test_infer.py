@@ -19,6 +19,8 @@ from vit_jax.models import zoo
 from vit_jax.tools import infer, trained_model
 from vit_jax.errors import UserError
 
+pytestmark = pytest.mark.slow  # trains or starts subprocesses throughout
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = dict(hidden_size=32, patches=dict(size=(4, 4)),
                  transformer=dict(num_layers=2, mlp_dim=48, num_heads=4, dropout_rate=0.0))

@@ -162,6 +162,7 @@ def test_gke_dry_run_renders_a_jobset(accelerator, extra, selector, resource):
   assert "job-completion-index" in env["JAX_PROCESS_ID"]["fieldRef"]["fieldPath"]
 
 
+@pytest.mark.slow
 def test_local_runs_two_real_processes(tmp_path):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
   result = launch("local.sh", "2", "--module=vit_jax.tools.check_distributed", f"--log_dir={tmp_path}",
@@ -172,6 +173,7 @@ def test_local_runs_two_real_processes(tmp_path):
   assert (tmp_path / "process_1.log").exists()
 
 
+@pytest.mark.slow
 def test_local_stops_everyone_when_a_process_fails(tmp_path):
   """Process 1 dies at once; process 0, waiting for it, is stopped and the exit status is process 1's."""
   python = tmp_path / "python"
@@ -185,6 +187,7 @@ def test_local_stops_everyone_when_a_process_fails(tmp_path):
   assert "process 1 exited with status 3" in result.stderr and "process 1 broke" in result.stderr
 
 
+@pytest.mark.slow
 def test_local_user_error_exits_2():
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
   result = launch("local.sh", "2", "--module=vit_jax.tools.check_distributed", "--", "--distributed_timeout_s=-1",

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains or starts subprocesses throughout
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The quickstart config cut down to a 1-layer model and a few dozen steps.
 TINY = ["--config=configs/quickstart.py", "--config.model.transformer.num_layers=1", "--config.batch=32",

@@ -47,18 +47,12 @@ SMALL = dict(hidden_size=64, patches={"size": (4, 4)},
              transformer={"num_layers": 2, "mlp_dim": 256, "num_heads": 4, "dropout_rate": 0.0})
 
 
-@pytest.mark.parametrize("platform", ["cpu", "gpu_tpu"])
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("remat", ["none", "save_dots", "full"])
-def test_residual_formula_matches_what_autodiff_saves(remat, dtype, platform, monkeypatch):
-  """The analytic residuals against the ones JAX's autodiff keeps for this model (per example, batch 3).
-
-  The matmuls differ per platform (`precision.on_cpu`, a `lax.platform_dependent` switch). Lowering keeps one
-  branch, but a jaxpr's residuals are those of every branch, so each platform's branch is traced on its own here.
-  """
-  branch = (lambda cpu_fn, default_fn, *arrays: cpu_fn(*arrays)) if platform == "cpu" else (
-      lambda cpu_fn, default_fn, *arrays: default_fn(*arrays))
-  monkeypatch.setattr(precision, "on_cpu", branch)
+def test_residual_formula_matches_what_autodiff_saves(remat, dtype):
+  """The analytic residuals against the ones JAX's autodiff keeps for this model (per example, batch 3); the
+  matmuls save the same residuals on every platform (only their backward pass differs)."""
   from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top  # what print_saved_residuals prints
   batch, image_size = 3, 32  # no parameter has a leading dimension of 3, so batch-sized residuals are the activations
   model = models.get_model("testing", num_classes=10, remat=remat, dtype=jnp.dtype(dtype), **SMALL)
@@ -97,6 +91,7 @@ def gradient_temp_bytes(batch, image_size=32, **model_options):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_activation_estimate_matches_memory_analysis(remat):
   image_size = 32
@@ -110,6 +105,7 @@ def test_activation_estimate_matches_memory_analysis(remat):
   assert TOLERANCE[0] <= measured / estimated <= TOLERANCE[1], (measured, estimated)
 
 
+@pytest.mark.slow
 def test_xla_cpu_saves_remat_memory_only_with_scan():
   """Why `vit_jax.models.vit.warn_if_remat_saves_nothing` warns: on XLA:CPU an unrolled model's remat keeps every
   activation. If this starts failing because unrolled remat saves memory, drop the warning and its docs."""
@@ -144,6 +140,7 @@ def test_bad_input_is_a_user_error(kwargs, message):
     memory.estimate("ViT-Ti_16", **args)
 
 
+@pytest.mark.slow
 def test_cli_report_table_and_errors():
   run = lambda *args: subprocess.run([sys.executable, "-m", "vit_jax.tools.memory", *args], capture_output=True,
                                      text=True, check=False)

@@ -99,6 +99,7 @@ def test_zoo_parameter_paths_and_shapes():
   assert hybrid["embedding/kernel"] == (1, 1, 1024, 768)
 
 
+@pytest.mark.slow
 def test_initialisation_follows_the_zoo():
   model = models.get_model("R+ViT-Ti_16", num_classes=5, head_bias_init=-2.0)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
@@ -138,6 +139,7 @@ def test_feature_extractor_and_representation_layer():
   assert model.apply(variables, images).shape == (3, 4)
 
 
+@pytest.mark.slow
 def test_hybrid_forward_at_224_and_384():
   # The real R50 stem (3, 4, 9) at half width, under a small transformer: /16 like R50+ViT-B_16.
   model = models.get_model("R50+ViT-B_16", num_classes=3, hidden_size=32,
@@ -175,6 +177,7 @@ def test_vit_forward_matches_numpy_reference(classifier):
   np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
+@pytest.mark.slow
 def test_hybrid_forward_matches_numpy_reference():
   model = models.get_model("R50+ViT-B_16", num_classes=5, hidden_size=32, patches=dict(size=(2, 2)),
                            transformer=dict(num_layers=1, mlp_dim=32, num_heads=2, dropout_rate=0.0),
@@ -186,6 +189,7 @@ def test_hybrid_forward_matches_numpy_reference():
   np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close_to_float32():
   model = tiny(patches=dict(size=(4, 4)))
   images = np.random.default_rng(3).uniform(-1, 1, size=(4, 16, 16, 3)).astype(np.float32)
@@ -197,6 +201,7 @@ def test_bfloat16_compute_stays_close_to_float32():
   np.testing.assert_allclose(np.asarray(bf16), f32, rtol=0.05, atol=0.05 * np.abs(f32).max())
 
 
+@pytest.mark.slow
 def test_fused_attention_and_remat_keep_numerics_and_parameter_paths():
   images = np.random.default_rng(4).uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
   labels = jax.nn.one_hot(np.array([1, 5]), 7)
@@ -224,6 +229,7 @@ def test_fused_attention_and_remat_keep_numerics_and_parameter_paths():
     tiny(remat="some").init(jax.random.PRNGKey(0), images)
 
 
+@pytest.mark.slow
 def test_dropout_is_active_only_in_training():
   model = tiny(patches=dict(size=(4, 4)), transformer=dict(num_layers=1, mlp_dim=8, num_heads=2,
                                                            dropout_rate=0.5))

@@ -43,6 +43,7 @@ def test_attention_matmul_gradients_equal_autodiff():
   check_gradients(precision.attention_mix, lambda w, v: jnp.einsum("bhqk,bhkd->bhqd", w, v), weights, value)
 
 
+@pytest.mark.slow
 def test_bfloat16_attention_gradients_compile_and_stay_close():
   # A bf16 output, as in the model, and a loss of that output alone: the attention core in the zoo's (batch,
   # tokens, heads, d) layout once compiled to a bf16 matmul that XLA:CPU cannot run ("Unsupported element type for

@@ -100,6 +100,7 @@ def _mesh(data, fsdp, tensor, num_devices):
   return sharding.make_mesh(config, jax.devices()[:num_devices])
 
 
+@pytest.mark.slow
 def test_mesh_layouts_give_the_same_loss_curve():
   # hidden 16, 2 heads, MLP 32: fsdp and tensor axes of size 2 really split the kernels; dropout stays on.
   config = tiny_config(model={"hidden_size": 16, "patches": {"size": (4, 4)},
@@ -113,6 +114,7 @@ def test_mesh_layouts_give_the_same_loss_curve():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params, reference_params)
 
 
+@pytest.mark.slow
 def test_accumulation_equals_the_large_batch():
   no_dropout = {"patches": {"size": (4, 4)}, "transformer": {"dropout_rate": 0.0}}
   batches = _synthetic_batches(3, 32)
@@ -160,6 +162,7 @@ def finished_run(tmp_path_factory):
   return workdir, result
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_writes_the_workdir_contract(finished_run):
   workdir, result = finished_run
   records = read_metrics(workdir)
@@ -181,6 +184,7 @@ def test_train_and_evaluate_writes_the_workdir_contract(finished_run):
   assert params["embedding"]["kernel"].shape == (4, 4, 3, 10)
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_config_is_refused(finished_run):
   workdir, _ = finished_run
   with pytest.raises(UserError, match=r"different config: base_lr \(was 0.001, now 0.1\)"):
@@ -191,6 +195,7 @@ def test_resume_with_a_changed_config_is_refused(finished_run):
   assert os.path.getmtime(os.path.join(workdir, "model.npz")) == before
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(total_steps=8, base_lr=1e30, warmup_steps=0, grad_norm_clip=0.0, optimizer="sgd",
@@ -201,6 +206,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
   assert saved and max(saved) < 8
 
 
+@pytest.mark.slow
 def test_fine_tune_from_a_checkpoint_at_another_resolution(finished_run, tmp_path):
   pretrained = os.path.join(finished_run[0], "model.npz")  # trained at 16 px: a 4x4 grid
   config = tiny_config(total_steps=2, eval_every=0, pretrained_path=pretrained)
@@ -210,6 +216,7 @@ def test_fine_tune_from_a_checkpoint_at_another_resolution(finished_run, tmp_pat
   assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 37, 10)
 
 
+@pytest.mark.slow
 def test_incompatible_pretrained_checkpoint_fails_before_compiling(finished_run, tmp_path):
   config = tiny_config(model={"patches": {"size": (4, 4)}, "hidden_size": 12},
                        pretrained_path=os.path.join(finished_run[0], "model.npz"))
@@ -218,6 +225,7 @@ def test_incompatible_pretrained_checkpoint_fails_before_compiling(finished_run,
   assert not os.path.exists(tmp_path / "finetune" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_progressive_resizing_resamples_position_embeddings(tmp_path):
   config = tiny_config(total_steps=4, eval_every=0, progress_every=1, checkpoint_every=2,
                        crop_stages=((2, 24),))  # steps 0-1 at 16 px, 2-3 at 24 px
@@ -236,6 +244,7 @@ def test_progressive_resizing_resamples_position_embeddings(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_scanned_rematerialised_model_trains_and_exports_the_zoo_layout(tmp_path):
   config = tiny_config(total_steps=2, eval_every=0, checkpoint_every=0, progress_every=1, mesh={"data": 4, "fsdp": 2,
                                                                                                  "tensor": 1})

@@ -39,6 +39,7 @@ def test_rollout_by_hand():
     attention_maps.rollout_map(joint, {**config, "classifier": "unpooled"}, 8)
 
 
+@pytest.mark.slow
 def test_attention_weights_of_a_scanned_model_equal_the_plain_ones():
   plain = tiny_model()
   params = random_params(plain)
@@ -92,6 +93,7 @@ def trained(tmp_path_factory):
   return trained_model.load(workdir, with_class_names=False)
 
 
+@pytest.mark.slow
 def test_pngs_are_written_and_readable(trained, tmp_path):
   images, _ = digits_split("test")
   assert_readable_png(visualize.plot_attention(trained, images[:3], str(tmp_path / "attention.png"), ["a", "b", "c"]))
@@ -103,6 +105,7 @@ def test_pngs_are_written_and_readable(trained, tmp_path):
   assert_readable_png(path)
 
 
+@pytest.mark.slow
 def test_figures_refuse_models_they_do_not_apply_to(tmp_path):
   model = models.get_model("R+ViT-Ti_16", num_classes=3, hidden_size=32,
                            transformer=dict(num_layers=1, mlp_dim=16, num_heads=2))
@@ -123,6 +126,7 @@ def test_figures_refuse_models_they_do_not_apply_to(tmp_path):
     visualize.plot_posemb(no_attention, str(tmp_path / "p.png"))
 
 
+@pytest.mark.slow
 def test_cli(trained, tmp_path):
   out = run_cli("vit_jax.tools.visualize", "attention", f"--checkpoint={trained.source}", "--dataset=digits",
                 "--num_images=2", f"--output={tmp_path / 'a.png'}")

@@ -4,33 +4,22 @@ Flags -> host set-up (CPU hosts only: `vit_jax.host`) -> the training loop with 
 names -> the training curves. The config is locked: overriding a key it does not have is an error. Every error a
 user can fix ends the program with one `error: ...` line and exit status 2.
 """
+import functools
 import logging as std_logging
 import os
-import sys
 
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from vit_jax import distributed, host, objectives, sharding, steps, train, workdir as workdir_lib
+from vit_jax import distributed, host, objectives, train, workdir as workdir_lib
 from vit_jax.errors import UserError, run_cli
+from vit_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the final model.npz.")
 distributed.define_flags()
-
-
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    # A misspelt `--config.key` (the config is locked) or a value of the wrong type surfaces here.
-    detail = str(e.args[0] if e.args else e)
-    detail = " ".join(detail.replace("\\n", " ").replace("\\", "").replace("'", "").split())
-    print(f"error: bad command-line flag ({detail}); config keys are listed in configs/common.py and the config file",
-          file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -71,19 +60,15 @@ def run(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.info("Config:\n%s", config)
   if not multi_process:  # still before JAX creates its devices; a multi-process run keeps one CPU device each
-    # Sizes the state copies of the CPU split; the head is an estimate (the dataset is not read yet).
-    host.split_cpu_devices(
-        config.cpu_devices,
-        num_params=lambda: steps.count_params(train.create_model(config, 1000, "cpu"), config.pp.crop),
-        batch_sizes=(config.batch // max(config.accum_steps, 1), config.batch_eval),
-        mesh_sizes=[config.mesh[axis] for axis in sharding.MESH_AXES])
+    host.split_cpu_devices(config.cpu_devices, **train.cpu_split_args(config))
   train.train_and_evaluate(config, _WORKDIR.value)
   _plot_curves(_WORKDIR.value)
 
 
 def main():
   host.restart_with_fast_allocator()  # first: the new process starts over
-  app.run(lambda argv: run_cli(run, argv), flags_parser=_parse_flags)
+  parse = functools.partial(cli.parse_flags, hint="config keys are listed in configs/common.py and the config file")
+  app.run(lambda argv: run_cli(run, argv), flags_parser=parse)
 
 
 if __name__ == "__main__":

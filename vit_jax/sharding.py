@@ -18,14 +18,14 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vit_jax.errors import UserError
-from vit_jax.models import vit
+from vit_jax import models
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # (regex over the '/'-joined parameter path, PartitionSpec); the first match wins. Each model family states its
-# own rules beside its modules.
-PARAM_RULES = vit.SHARDING_RULES
+# own rules beside its modules; `vit_jax.models` collects them.
+PARAM_RULES = models.SHARDING_RULES
 
 
 _SCANNED_BLOCK = re.compile(r"(^|/)encoderblock/")
@@ -76,17 +76,22 @@ def num_batch_shards(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
 
 
-def check_batch_size(name: str, size: int, mesh: Mesh, accum_steps: int = 1):
-  """UserError unless every device and every process gets an equal share of each (micro)batch."""
-  shards, processes = num_batch_shards(mesh), jax.process_count()
+def check_divisible(name: str, size: int, *, shards: int, processes: int, accum_steps: int = 1):
+  """UserError naming `name` unless every process and every data-parallel device gets an equal share of each
+  (micro)batch of `size`: the one batch-divisibility rule (training, the data pipeline, the tools)."""
   if size % accum_steps:
     raise UserError(f"{name}={size} is not divisible by accum_steps={accum_steps}; use a multiple of {accum_steps}")
   micro = size // accum_steps
-  for count, what in ((shards, f"the {shards} data-parallel devices (mesh.data x mesh.fsdp)"),
-                      (processes, f"the {processes} processes")):
+  for count, what in ((processes, f"the number of processes ({processes})"),
+                      (shards, f"the {shards} data-parallel devices (mesh.data x mesh.fsdp)")):
     if micro % count:
       per = f"{name}/accum_steps={micro}" if accum_steps > 1 else f"{name}={size}"
       raise UserError(f"{per} is not divisible by {what}; use a multiple of {count * accum_steps}")
+
+
+def check_batch_size(name: str, size: int, mesh: Mesh, accum_steps: int = 1):
+  """`check_divisible` for `mesh` and this job's processes."""
+  check_divisible(name, size, shards=num_batch_shards(mesh), processes=jax.process_count(), accum_steps=accum_steps)
 
 
 def path_str(path) -> str:

@@ -52,6 +52,14 @@ def create_model(config, num_classes, platform):
   return models.get_model(config.model_name, num_classes=num_classes, dtype=dtype, **config.model.to_dict())
 
 
+def cpu_split_args(config):
+  """The arguments of `vit_jax.host.split_cpu_devices` for this run: the state's parameter count (a callable:
+  counted only on CPU hosts; the head is an estimate, the dataset is not read yet), batch and mesh sizes."""
+  return dict(num_params=lambda: steps.count_params(create_model(config, 1000, "cpu"), config.pp.crop),
+              batch_sizes=(config.batch // max(config.accum_steps, 1), config.batch_eval),
+              mesh_sizes=[config.mesh[axis] for axis in sharding.MESH_AXES])
+
+
 def make_optimizer(config):
   """(tx, schedule) of the config's optimizer keys (`optim.CONFIG_KEYS`)."""
   return optim.make_optimizer(**{key: config[key] for key in optim.CONFIG_KEYS})
@@ -173,7 +181,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   validate_config(config)
   objective = objectives.get(config.trainer).from_config(config)
   model_config = model_config_from(config)
-  workdir_lib.check_writable(workdir)
   mesh = sharding.make_mesh(config.mesh, devices)
   platform = mesh.devices.flat[0].platform
   warn_if_remat_saves_nothing(model_config.get("remat", "none"), model_config.get("scan_layers", False), platform)
@@ -192,6 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                             init_params=abstract_state.params, model_config=model_config,
                                             image_size=first_crop)
 
+  workdir_lib.check_writable(workdir)  # the first write, once every check that can fail fast has passed
   manager = workdir_lib.checkpoint_manager(workdir, keep=config.keep_checkpoints, platform=platform)
   writer = train_iter = None  # closed in `finally`, also when setting up fails
   try:
@@ -226,7 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     if objective.classifies:
       eval_step = classification.make_eval_step(model, loss=objective.loss, mesh=mesh,
                                                 param_shardings=state_shardings.params)
-    flops_per_image = lambda crop: flops.train_flops_per_image(model_config, crop, info.num_classes)
+    num_outputs = objective.num_outputs(info.num_classes)
+    flops_per_image = lambda crop: flops.train_flops_per_image(model_config, crop, num_outputs)
     peak = config.peak_flops or flops.peak_flops(model.dtype)
     fewshot_eval = fewshot_evaluator(config)
     step = int(state.step)

@@ -30,6 +30,7 @@ import numpy as np
 
 from vit_jax.data import preprocess as pp_lib
 from vit_jax.data import sources
+from vit_jax import sharding as sharding_lib
 from vit_jax.errors import UserError
 
 _FIRST_PATHS = 5  # how many corrupt paths a warning names
@@ -65,13 +66,7 @@ def check_batch(batch: int, key: str, process_count: int, sharding) -> int:
   name = setting_name(key)
   if not isinstance(batch, int) or batch <= 0:
     raise UserError(f"{name}={batch!r} must be a positive int")
-  if batch % process_count:
-    raise UserError(f"{name}={batch} is not divisible by the number of processes ({process_count}); "
-                    f"use a multiple of {process_count}")
-  dp = data_parallel_size(sharding)
-  if batch % dp:
-    raise UserError(f"{name}={batch} is not divisible by the {dp} data-parallel devices of the mesh; "
-                    f"use a multiple of {dp}")
+  sharding_lib.check_divisible(name, batch, shards=data_parallel_size(sharding), processes=process_count)
   return batch // process_count
 
 

@@ -171,7 +171,7 @@ def _folder_source(root: str, split: str) -> IndexedSource:
 
 def prepare_command(name: str, data_dir) -> str:
   cmd = f"python -m vit_jax.tools.prepare_data --dataset={name}"
-  return cmd + (f" --data_dir={data_dir}" if data_dir else "")
+  return cmd + (f" --tfds_data_dir={data_dir}" if data_dir else "")
 
 
 def tfds_builder(name: str, data_dir, **builder_kwargs):

@@ -24,6 +24,8 @@ from vit_jax.errors import UserError
 
 
 DEFAULT_L2_REG = 0.1
+DEFAULT_SHOTS = (1, 5, 10, 25)
+DEFAULT_SEEDS = 3
 
 
 # --- the linear probe --------------------------------------------------------------------------------------------
@@ -104,8 +106,8 @@ def _load_images(source, indices, pp):
 class FewShotEvaluator:
   """Holds the preprocessed support (all seeds) and test images; `__call__(params, model)` -> metrics."""
 
-  def __init__(self, *, dataset, pp, train_split="train", test_split="test", shots=(1, 5, 10, 25), seeds=3,
-               l2_reg=DEFAULT_L2_REG, batch=256, tfds_data_dir=None):
+  def __init__(self, *, dataset, pp, train_split="train", test_split="test", shots=DEFAULT_SHOTS,
+               seeds=DEFAULT_SEEDS, l2_reg=DEFAULT_L2_REG, batch=256, tfds_data_dir=None):
     """`pp`: the test preprocessing ({'crop', 'resize'}) of the support and test images."""
     self.shots = sorted({int(k) for k in shots})
     if not self.shots or self.shots[0] < 1:

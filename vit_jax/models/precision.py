@@ -58,9 +58,14 @@ def resolve_dtype(name: str, platform: str, cpuinfo_path: str = CPUINFO) -> str:
     raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_CHOICES)}")
   return name
 
-def on_cpu(cpu_fn, default_fn, *arrays):
-  """`cpu_fn(*arrays)` where the computation is lowered for CPU, `default_fn(*arrays)` elsewhere (GPU, TPU)."""
-  return lax.platform_dependent(*arrays, cpu=cpu_fn, default=default_fn)
+
+def _backward(cpu_backward, primal_fn, residuals, grad):
+  """`cpu_backward(*residuals, grad)` where the computation is lowered for CPU; JAX's own gradient of `primal_fn`
+  elsewhere (GPU, TPU). Only the backward pass branches, so both platforms save the same residuals."""
+  def autodiff(*args):
+    _, vjp = jax.vjp(primal_fn, *args[:-1])
+    return vjp(args[-1])
+  return lax.platform_dependent(*residuals, grad, cpu=cpu_backward, default=autodiff)
 
 
 conv_general_dilated = functools.partial(lax.conv_general_dilated, preferred_element_type=jnp.float32)
@@ -82,7 +87,11 @@ def _layer_matmul_fwd(inputs, kernel, num_contracted):
 
 
 def _layer_matmul_bwd(num_contracted, residuals, grad):
-  inputs, kernel = residuals
+  return _backward(functools.partial(_cpu_layer_matmul_bwd, num_contracted),
+                   functools.partial(_matmul, num_contracted=num_contracted), residuals, grad)
+
+
+def _cpu_layer_matmul_bwd(num_contracted, inputs, kernel, grad):
   grad = grad.astype(inputs.dtype)
   num_batch = inputs.ndim - num_contracted  # the inputs' free (leading) axes
   # d inputs[b..., c...] = sum_f grad[b..., f...] kernel[c..., f...]
@@ -120,7 +129,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
                      and tuple(contract_lhs) == tuple(range(lhs.ndim - n, lhs.ndim))
                      and tuple(contract_rhs) == tuple(range(n)))
   if is_layer_matmul:
-    return on_cpu(lambda x, w: _layer_matmul(x, w, n), lambda x, w: _matmul(x, w, n), lhs, rhs)
+    return _layer_matmul(lhs, rhs, n)
   return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32,
                          **kwargs)
 
@@ -149,19 +158,16 @@ def _plain_attention_mix(weights, value):
   return _einsum("bhqk,bhkd->bhqd", weights, value)
 
 
+@jax.custom_vjp
 def attention_logits(query, key):
   """logits[b, h, q, k] = sum_d query[b, h, q, d] key[b, h, k, d], float32."""
-  return on_cpu(_cpu_attention_logits, _plain_attention_logits, query, key)
-
-
-def attention_mix(weights, value):
-  """out[b, h, q, d] = sum_k weights[b, h, q, k] value[b, h, k, d], float32."""
-  return on_cpu(_cpu_attention_mix, _plain_attention_mix, weights, value)
+  return _plain_attention_logits(query, key)
 
 
 @jax.custom_vjp
-def _cpu_attention_logits(query, key):
-  return _plain_attention_logits(query, key)
+def attention_mix(weights, value):
+  """out[b, h, q, d] = sum_k weights[b, h, q, k] value[b, h, k, d], float32."""
+  return _plain_attention_mix(weights, value)
 
 
 def _attention_logits_fwd(query, key):
@@ -169,18 +175,16 @@ def _attention_logits_fwd(query, key):
 
 
 def _attention_logits_bwd(residuals, grad):
-  query, key = residuals
+  return _backward(_cpu_attention_logits_bwd, _plain_attention_logits, residuals, grad)
+
+
+def _cpu_attention_logits_bwd(query, key, grad):
   grad = grad.astype(query.dtype)
   return (_einsum("bhqk,bhkd->bhqd", grad, key).astype(query.dtype),
           _einsum("bhkq,bhqd->bhkd", _swap_last_axes(grad), query).astype(key.dtype))
 
 
-_cpu_attention_logits.defvjp(_attention_logits_fwd, _attention_logits_bwd)
-
-
-@jax.custom_vjp
-def _cpu_attention_mix(weights, value):
-  return _plain_attention_mix(weights, value)
+attention_logits.defvjp(_attention_logits_fwd, _attention_logits_bwd)
 
 
 def _attention_mix_fwd(weights, value):
@@ -188,10 +192,13 @@ def _attention_mix_fwd(weights, value):
 
 
 def _attention_mix_bwd(residuals, grad):
-  weights, value = residuals
+  return _backward(_cpu_attention_mix_bwd, _plain_attention_mix, residuals, grad)
+
+
+def _cpu_attention_mix_bwd(weights, value, grad):
   grad = grad.astype(value.dtype)
   return (_einsum("bhqd,bhkd->bhqk", grad, value).astype(weights.dtype),
           _einsum("bhkq,bhqd->bhkd", _swap_last_axes(weights), grad).astype(value.dtype))
 
 
-_cpu_attention_mix.defvjp(_attention_mix_fwd, _attention_mix_bwd)
+attention_mix.defvjp(_attention_mix_fwd, _attention_mix_bwd)

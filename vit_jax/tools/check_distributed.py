@@ -6,16 +6,15 @@ Prints one JSON line per process (`vit_jax.distributed.check_cross_process_colle
 """
 import json
 
-from absl import app, flags
+from absl import flags
 
 from vit_jax import distributed
-from vit_jax.errors import run_cli
+from vit_jax.tools import cli
 
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
+def main():
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          timeout_s=FLAGS.distributed_timeout_s)
   print(json.dumps(distributed.check_cross_process_collectives()), flush=True)
@@ -23,4 +22,4 @@ def main(argv):
 
 if __name__ == "__main__":
   distributed.define_flags()
-  app.run(lambda argv: run_cli(main, argv))
+  cli.run(main)

@@ -52,7 +52,8 @@ SHARED_FLAGS = {
     "image_size": _Flag("integer", None, "Image height and width in pixels; a checkpoint's default is the "
                                          "resolution it was trained at (other sizes resample position embeddings)."),
     "labels": _Flag("string", None, "Text file with one class name per line, in class-index order."),
-    "dataset": _Flag("string", None, "digits, a TFDS name or an image folder; default: the run's."),
+    "dataset": _Flag("string", None, "digits, a TFDS name or an image folder; tools given a training workdir "
+                                     "default to its dataset."),
     "split": _Flag("string", None, "Split in TFDS syntax (test, train[:10%]); default: the run's test split, else "
                                    "test."),
     "tfds_data_dir": _Flag("string", None, "Where prepared TFDS datasets live; default: the run's, else TFDS's."),
@@ -122,13 +123,15 @@ def write_output(path: str, content: Union[str, Callable[[str], Any]]):
     raise UserError(f"cannot write {path}: {e.strerror or e}; pass an --output path you can write to") from None
 
 
-def _parse_flags(argv):
-  """absl's parsing, with a bad flag (unknown name, wrong type, value not among the choices) as one error line."""
+def parse_flags(argv, hint="--help lists the flags"):
+  """absl's parsing, with a bad flag (unknown name, wrong type, value not among the choices, a misspelt
+  `--config.key` of a locked config) as one error line and exit status 2."""
   try:
     return FLAGS(argv)
-  except flags.Error as e:
-    detail = " ".join(str(e).split())
-    print(f"error: bad command-line flag ({detail}); --help lists the flags", file=sys.stderr, flush=True)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    detail = str(e.args[0] if e.args else e)
+    detail = " ".join(detail.replace("\\n", " ").replace("\\", "").replace("'", "").split())
+    print(f"error: bad command-line flag ({detail}); {hint}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -143,4 +146,4 @@ def run(main: Callable, *, arguments: bool = False):
     if args:
       raise UserError(f"unexpected arguments {' '.join(args)}; pass options as --flag=value (--help lists them)")
     return main()
-  app.run(lambda argv: run_cli(body, argv), flags_parser=_parse_flags)
+  app.run(lambda argv: run_cli(body, argv), flags_parser=parse_flags)

@@ -8,26 +8,26 @@ Measured figures are in docs/benchmarks.md.
 import os
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 from PIL import Image
 
 from vit_jax.data import pipeline
-from vit_jax.errors import run_cli
 from vit_jax.errors import UserError
+from vit_jax.tools import cli
 
-_DATASET = flags.DEFINE_string("dataset", None, "Dataset (TFDS name, folder, digits).")
-_MAKE = flags.DEFINE_string("make_jpeg_folder", None, "Write a synthetic folder of 500x375 JPEGs here and use it.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 400, "Images in the synthetic folder.")
-_SPLIT = flags.DEFINE_string("split", "train", "Split to read.")
-_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts to measure.")
-_CROP = flags.DEFINE_integer("crop", 224, "Output size.")
-_AUGMENT = flags.DEFINE_string("augment", "inception_crop", "pp.augment.")
-_BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
-_READ_THREADS = flags.DEFINE_integer("read_threads", 2, "Reader threads per process.")
-_SECONDS = flags.DEFINE_float("seconds", 15.0, "Measuring time per worker count (after warm-up).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  cli.define_flags("dataset", "split", "tfds_data_dir", "batch", split="train", batch=32)
+  flags.DEFINE_string("make_jpeg_folder", None, "Write a synthetic folder of 500x375 JPEGs here and use it.")
+  flags.DEFINE_integer("num_images", 400, "Images in the synthetic folder.")
+  flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts to measure.")
+  flags.DEFINE_integer("crop", 224, "Output size.")
+  flags.DEFINE_string("augment", "inception_crop", "pp.augment.")
+  flags.DEFINE_integer("read_threads", 2, "Reader threads per process.")
+  flags.DEFINE_float("seconds", 15.0, "Measuring time per worker count (after warm-up).")
 
 
 def make_jpeg_folder(root, num_images, size=(500, 375), num_classes=4, seed=0):
@@ -57,23 +57,27 @@ def measure(seconds, **train_dataset_kwargs):
   return rate
 
 
-def main(argv):
-  del argv
-  dataset = _DATASET.value
-  if _MAKE.value:
-    dataset = make_jpeg_folder(_MAKE.value, _NUM_IMAGES.value)
+def main():
+  dataset = FLAGS.dataset
+  if FLAGS.make_jpeg_folder:
+    dataset = make_jpeg_folder(FLAGS.make_jpeg_folder, FLAGS.num_images)
   if not dataset:
     raise UserError("give --dataset or --make_jpeg_folder")
-  print(f"dataset={dataset} split={_SPLIT.value} crop={_CROP.value} augment={_AUGMENT.value} "
-        f"batch={_BATCH.value} read_threads={_READ_THREADS.value} cpus={os.cpu_count()}")
-  for workers in [int(w) for w in _WORKERS.value]:
-    rate = measure(_SECONDS.value, dataset=dataset, split=_SPLIT.value,
-                   pp=dict(crop=_CROP.value, resize=None, augment=_AUGMENT.value, mixup=0.0),
-                   batch=_BATCH.value, seed=0, tfds_data_dir=_DATA_DIR.value, num_workers=workers,
-                   read_threads=_READ_THREADS.value, batch_key="--batch")
+  try:
+    worker_counts = [int(w) for w in FLAGS.workers]
+  except ValueError:
+    raise UserError(f"--workers={','.join(FLAGS.workers)} must be integers, e.g. --workers=0,1,2") from None
+  print(f"dataset={dataset} split={FLAGS.split} crop={FLAGS.crop} augment={FLAGS.augment} "
+        f"batch={FLAGS.batch} read_threads={FLAGS.read_threads} cpus={os.cpu_count()}")
+  for workers in worker_counts:
+    rate = measure(FLAGS.seconds, dataset=dataset, split=FLAGS.split,
+                   pp=dict(crop=FLAGS.crop, resize=None, augment=FLAGS.augment, mixup=0.0),
+                   batch=FLAGS.batch, seed=0, tfds_data_dir=FLAGS.tfds_data_dir, num_workers=workers,
+                   read_threads=FLAGS.read_threads, batch_key="--batch")
     per = f" ({rate / workers:.0f} img/s per worker)" if workers else ""
     print(f"workers={workers}: {rate:.0f} img/s{per}", flush=True)
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: run_cli(main, argv))
+  define_flags()
+  cli.run(main)

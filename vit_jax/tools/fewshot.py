@@ -12,7 +12,7 @@ import json
 from absl import flags
 
 from vit_jax.errors import UserError
-from vit_jax.evaluators.fewshot import DEFAULT_L2_REG, FewShotEvaluator
+from vit_jax.evaluators.fewshot import DEFAULT_L2_REG, DEFAULT_SEEDS, DEFAULT_SHOTS, FewShotEvaluator
 from vit_jax.tools import cli, trained_model
 
 FLAGS = flags.FLAGS
@@ -23,13 +23,13 @@ def define_flags():
   cli.define_flags("checkpoint", "model_name", "dataset", "image_size", "tfds_data_dir", "batch_size", "output")
   flags.DEFINE_string("train_split", "train", "Split the shots are drawn from.")
   flags.DEFINE_string("test_split", "test", "Split the probe is scored on.")
-  flags.DEFINE_list("shots", ["1", "5", "10", "25"], "Shots per class.")
-  flags.DEFINE_integer("seeds", 3, "Draws of the shots to average over.")
+  flags.DEFINE_list("shots", [str(k) for k in DEFAULT_SHOTS], "Shots per class.")
+  flags.DEFINE_integer("seeds", DEFAULT_SEEDS, "Draws of the shots to average over.")
   flags.DEFINE_float("l2_reg", DEFAULT_L2_REG, "Ridge regularisation (on unit-scale features).")
 
 
-def fewshot(trained, *, dataset=None, train_split="train", test_split="test", shots=(1, 5, 10, 25), seeds=3,
-            l2_reg=DEFAULT_L2_REG, batch_size=256, tfds_data_dir=None):
+def fewshot(trained, *, dataset=None, train_split="train", test_split="test", shots=DEFAULT_SHOTS,
+            seeds=DEFAULT_SEEDS, l2_reg=DEFAULT_L2_REG, batch_size=256, tfds_data_dir=None):
   """{'checkpoint', 'dataset', 'fewshot_{k}shot_accuracy', ...}; unset `dataset` and `tfds_data_dir` take the
   run's when `trained` comes from a workdir."""
   if not dataset and trained.run_config is None:

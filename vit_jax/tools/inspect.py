@@ -2,15 +2,14 @@
 
   python -m vit_jax.tools.inspect FILE.npz
 """
-import sys
-
 from clu import parameter_overview
 import jax
 import numpy as np
 
 from vit_jax import models
-from vit_jax.errors import UserError, run_cli
+from vit_jax.errors import UserError
 from vit_jax.models import geometry, zoo
+from vit_jax.tools import cli
 
 
 def _shapes_of(name, num_classes, representation_size):
@@ -70,11 +69,11 @@ def inspect(path):
     print(f"classes: {flat['head/kernel'].shape[-1]}")
 
 
-def main(argv):
-  if len(argv) != 1:
+def main(args):
+  if len(args) != 1:
     raise UserError("usage: python -m vit_jax.tools.inspect FILE.npz")
-  inspect(argv[0])
+  inspect(args[0])
 
 
 if __name__ == "__main__":
-  run_cli(main, sys.argv[1:])
+  cli.run(main, arguments=True)

@@ -148,9 +148,7 @@ def estimate(model_name, *, batch, image_size, mesh=None, num_devices=None, opti
   _check_remat(remat)
   sizes = sharding.resolve_mesh_sizes(mesh or {}, num_devices)
   batch_shards = sizes["data"] * sizes["fsdp"]
-  if batch % (batch_shards * accum_steps):
-    raise UserError(f"batch={batch} is not divisible by mesh.data x mesh.fsdp x accum_steps = "
-                    f"{batch_shards * accum_steps}")
+  sharding.check_divisible("batch", batch, shards=batch_shards, processes=1, accum_steps=accum_steps)
   model_config = models.get_model_config(model_name)
   params, opt_state = abstract_state(model_name, image_size=image_size, num_classes=num_classes,
                                      optimizer=optimizer, momentum_dtype=momentum_dtype)

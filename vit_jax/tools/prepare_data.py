@@ -1,20 +1,22 @@
 """Prepares a TFDS catalog dataset in ArrayRecord format, for random access by the training pipeline.
 
-  python -m vit_jax.tools.prepare_data --dataset=cifar10 [--data_dir=DIR] [--manual_dir=DIR]
+  python -m vit_jax.tools.prepare_data --dataset=cifar10 [--tfds_data_dir=DIR] [--manual_dir=DIR]
 
 TFDS shows download and generation progress bars. Builders that encode images from arrays (cifar10,
 cifar100, mnist, ...) need TensorFlow for that step only: pip install 'vit_jax[tfds]' (tensorflow-cpu).
 """
-from absl import app
 from absl import flags
 
 from vit_jax.data import sources
-from vit_jax.errors import run_cli
 from vit_jax.errors import UserError
+from vit_jax.tools import cli
 
-_DATASET = flags.DEFINE_string("dataset", None, "TFDS catalog name, e.g. cifar10, imagenet2012.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default ~/tensorflow_datasets).")
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder with manually downloaded files (imagenet2012).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  cli.define_flags("dataset", "tfds_data_dir")
+  flags.DEFINE_string("manual_dir", None, "Folder with manually downloaded files (imagenet2012).")
 
 
 def prepare(name: str, data_dir=None, manual_dir=None):
@@ -42,14 +44,14 @@ def prepare(name: str, data_dir=None, manual_dir=None):
   return builder
 
 
-def main(argv):
-  del argv
-  if not _DATASET.value:
+def main():
+  if not FLAGS.dataset:
     raise UserError("--dataset is required, e.g. --dataset=cifar10")
-  builder = prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value)
-  print(f"{_DATASET.value} is ready in {builder.data_dir}: train with --config.dataset={_DATASET.value}"
-        + (f" --config.tfds_data_dir={_DATA_DIR.value}" if _DATA_DIR.value else ""))
+  builder = prepare(FLAGS.dataset, FLAGS.tfds_data_dir, FLAGS.manual_dir)
+  print(f"{FLAGS.dataset} is ready in {builder.data_dir}: train with --config.dataset={FLAGS.dataset}"
+        + (f" --config.tfds_data_dir={FLAGS.tfds_data_dir}" if FLAGS.tfds_data_dir else ""))
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: run_cli(main, argv))
+  define_flags()
+  cli.run(main)

@@ -8,6 +8,6 @@ from vit_jax.models.vit import CLASSIFIERS, REMAT_POLICIES, VisionTransformer, s
 # Parameter sharding rules of every model family (regex over the path, spec; the first match wins).
 SHARDING_RULES = vit.SHARDING_RULES
 
-__all__ = ["AUGREG_ALIASES", "CLASSIFIERS", "REMAT_POLICIES", "SHARDING_RULES", "VisionTransformer", "canonical_name", "downsampling",
-           "get_model", "get_model_config", "has_class_token", "image_hw", "model_names", "num_tokens",
-           "stack_layers", "unstack_layers"]
+__all__ = ["AUGREG_ALIASES", "CLASSIFIERS", "REMAT_POLICIES", "SHARDING_RULES", "VisionTransformer",
+           "canonical_name", "downsampling", "get_model", "get_model_config", "has_class_token", "image_hw",
+           "model_names", "num_tokens", "stack_layers", "unstack_layers"]

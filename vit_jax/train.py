@@ -109,12 +109,14 @@ def crop_at(config, step):
 
 def resize_position_embeddings(state, model_config, crop):
   """`state` with position embeddings, and their optimizer moments, resampled to the grid of `crop`."""
+  tokens = models.num_tokens(model_config, crop)
+
   def resize(path, leaf):
-    if not sharding.path_str(path).endswith("posembed_input/pos_embedding"):
+    if not sharding.path_str(path).endswith("posembed_input/pos_embedding") or leaf.shape[1] == tokens:
       return leaf
     # Replicated by the sharding rules, so every host holds it whole; resampled in float32 like the zoo's.
     resized = checkpoint.resample_posemb(np.asarray(leaf, np.float32), model_config, crop)
-    return leaf if resized.shape == leaf.shape else jax.device_put(resized.astype(leaf.dtype), leaf.sharding)
+    return jax.device_put(resized.astype(leaf.dtype), leaf.sharding)
   return jax.tree_util.tree_map_with_path(resize, state)
 
 

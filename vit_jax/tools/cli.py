@@ -16,6 +16,7 @@ Flags are defined when the tool runs, not when it is imported: tools import one 
 `trained_model`, the train CLI uses `visualize`) and absl refuses a flag defined twice.
 """
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -121,6 +122,14 @@ def write_output(path: str, content: Union[str, Callable[[str], Any]]):
         f.write(content)
   except OSError as e:
     raise UserError(f"cannot write {path}: {e.strerror or e}; pass an --output path you can write to") from None
+
+
+def print_json(result, output=None):
+  """Prints a tool's result as indented JSON, and writes the same text to `output` when given."""
+  text = json.dumps(result, indent=2)
+  print(text)
+  if output:
+    write_output(output, text + "\n")
 
 
 def parse_flags(argv, hint="--help lists the flags"):

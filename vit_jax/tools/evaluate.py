@@ -9,7 +9,6 @@ through the classification evaluator training uses (`vit_jax.evaluators.classifi
 those training would log. The result is one JSON object on stdout (and in `--output`): accuracy, loss, number of
 examples, and what was evaluated.
 """
-import json
 import math
 import sys
 
@@ -76,10 +75,7 @@ def main():
                          num_params=lambda: sum(leaf.size for leaf in jax.tree.leaves(trained.params)))
   result = evaluate(trained, dataset=FLAGS.dataset, split=FLAGS.split, batch_size=FLAGS.batch_size,
                     tfds_data_dir=FLAGS.tfds_data_dir, strict=FLAGS.strict, progress=True)
-  text = json.dumps(result, indent=2)
-  print(text)
-  if FLAGS.output:
-    cli.write_output(FLAGS.output, text + "\n")
+  cli.print_json(result, FLAGS.output)
 
 
 if __name__ == "__main__":

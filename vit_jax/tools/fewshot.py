@@ -7,7 +7,6 @@ The probe is `vit_jax.evaluators.fewshot.FewShotEvaluator`, the one training run
 steps; it is described there. Images go through the checkpoint's test preprocessing at `--image_size`. The result
 is one JSON object on stdout (and in `--output`): `fewshot_{k}shot_accuracy` (mean over seeds) and `..._std`.
 """
-import json
 
 from absl import flags
 
@@ -55,10 +54,7 @@ def main():
   result = fewshot(trained, dataset=FLAGS.dataset, train_split=FLAGS.train_split, test_split=FLAGS.test_split,
                    shots=shots, seeds=FLAGS.seeds, l2_reg=FLAGS.l2_reg, batch_size=FLAGS.batch_size,
                    tfds_data_dir=FLAGS.tfds_data_dir)
-  text = json.dumps(result, indent=2)
-  print(text)
-  if FLAGS.output:
-    cli.write_output(FLAGS.output, text + "\n")
+  cli.print_json(result, FLAGS.output)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`python -m vit_jax.main` as a user runs it: kill -9 and resume, SIGTERM, and the error paths (subprocesses)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,10 +89,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(uninterrupted, tmp_path):
 
 
 def test_incompatible_workdir_names_the_keys(uninterrupted):
-  result = _run(uninterrupted, "--config.total_steps=40", "--config.base_lr=0.1", "--config.seed=3")
+  result = _run(uninterrupted, "--config.total_steps=40", "--config.batch=64", "--config.seed=3")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("error: workdir")
-  assert "base_lr (was 0.002, now 0.1)" in result.stderr and "seed (was 0, now 3)" in result.stderr
+  assert "batch (was 32, now 64)" in result.stderr and "seed (was 0, now 3)" in result.stderr
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -105,6 +106,8 @@ def test_incompatible_workdir_names_the_keys(uninterrupted):
     (["--config.pretrained_path=/nonexistent/ViT-B_16.npz"],
      "does not exist; download a zoo file, e.g. `wget https://storage.googleapis.com/vit_models/"),
     (["--workdir=/dev/null/run"], "workdir /dev/null/run is not writable"),
+    (["--config.base_lr=0"], "base_lr=0.0 must be positive"),
+    (["--config.label_smoothing=1.0"], "label_smoothing=1.0 must be in [0, 1)"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, flags, expected):
   result = _run(str(tmp_path / "run"), *flags, timeout=120)
@@ -113,3 +116,64 @@ def test_user_errors_exit_2_with_one_line(tmp_path, flags, expected):
   assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-3000:]
   assert "Traceback" not in result.stderr
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_sigint_saves_a_checkpoint_exits_130_and_the_run_resumes_exactly(uninterrupted, tmp_path):
+  workdir = str(tmp_path)
+  process = subprocess.Popen(_command(workdir, "--config.total_steps=40", "--config.checkpoint_every=1000"),
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  _wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")), process)
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=30)
+  assert process.returncode == 130, stderr[-3000:]
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+  assert "SIGINT: saving a checkpoint at the current step" in stderr
+  steps = _checkpoint_steps(workdir)
+  assert steps and steps[-1] < 40
+  result = _run(workdir, "--config.total_steps=40", "--config.checkpoint_every=1000")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _losses(workdir) == _losses(uninterrupted)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_during_start_up_and_compilation_exits_within_seconds(tmp_path, signum, code):
+  workdir = str(tmp_path)
+  process = subprocess.Popen(_command(workdir, "--config.total_steps=40"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  _wait_for(lambda: os.path.exists(os.path.join(workdir, "lock")), process)  # past the flags, before the loop
+  start = time.time()
+  process.send_signal(signum)
+  _, stderr = process.communicate(timeout=30)
+  assert process.returncode == code, stderr[-3000:]
+  assert time.time() - start < 10
+  assert "Traceback" not in stderr and "no unsaved training state; exiting now" in stderr
+  assert not _checkpoint_steps(workdir)
+
+
+def test_a_second_run_in_a_live_workdir_stops_at_once_naming_the_first(tmp_path):
+  workdir = str(tmp_path)
+  first = subprocess.Popen(_command(workdir, "--config.total_steps=100000"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    _wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")), first)
+    second = _run(workdir, "--config.total_steps=40", timeout=120)
+    assert second.returncode == 2, second.stderr[-3000:]
+    error_lines = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "in use by another run (host " in error_lines[0], second.stderr[-3000:]
+    assert f"pid {first.pid}" in error_lines[0]
+    assert first.poll() is None  # untouched by the second
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 0
+  finally:
+    first.kill()
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    assert json.load(f)["total_steps"] == 100000  # the second run wrote nothing
+
+
+def test_a_rerun_draws_the_missing_curves_of_a_complete_run(uninterrupted, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(uninterrupted, workdir)
+  os.remove(os.path.join(workdir, "curves.png"))  # killed between model.npz and curves.png
+  result = _run(workdir, "--config.total_steps=40")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.path.exists(os.path.join(workdir, "curves.png"))

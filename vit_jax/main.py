@@ -1,12 +1,21 @@
 """Entry point: `python -m vit_jax.main --config=configs/X.py[:ARG] --workdir=DIR [--config.key=value ...]`.
 
-Flags -> host set-up (CPU hosts only: `vit_jax.host`) -> the training loop with the objective `config.trainer`
-names -> the training curves. The config is locked: overriding a key it does not have is an error. Every error a
-user can fix ends the program with one `error: ...` line and exit status 2.
+Signal handling (`vit_jax.interrupts`) -> flags -> host set-up (CPU hosts only: `vit_jax.host`) -> the training
+loop with the objective `config.trainer` names -> the training curves. SIGTERM exits 0 and SIGINT 130, after a
+checkpoint of the current step once the loop runs, at once before. The config is locked: overriding a key it does
+not have is an error. Every error a user can fix ends the program with one `error: ...` line and exit status 2.
 """
+# First, and light: a SIGTERM or SIGINT during the slow imports below (seconds) already exits cleanly.
+from vit_jax import interrupts
+
+STOP = interrupts.StopSignals()
+if __name__ == "__main__":
+  STOP.install()
+
 import functools
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 import jax
@@ -41,7 +50,7 @@ def _plot_curves(workdir):
     logging.warning("No training curves: %s", e)
 
 
-def run(argv):
+def run(argv, stop):
   # First, before anything touches a device: join the other processes of a multi-process run (no-op otherwise).
   multi_process = distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                                          flags.FLAGS.process_id, timeout_s=flags.FLAGS.distributed_timeout_s)
@@ -61,14 +70,16 @@ def run(argv):
   logging.info("Config:\n%s", config)
   if not multi_process:  # still before JAX creates its devices; a multi-process run keeps one CPU device each
     host.split_cpu_devices(config.cpu_devices, **train.cpu_split_args(config))
-  train.train_and_evaluate(config, _WORKDIR.value)
+  train.train_and_evaluate(config, _WORKDIR.value, stop=stop)
   _plot_curves(_WORKDIR.value)
+  if stop.requested:  # stopped by a signal after saving: 0 for SIGTERM (preemption), 130 for SIGINT
+    sys.exit(stop.exit_code)
 
 
 def main():
-  host.restart_with_fast_allocator()  # first: the new process starts over
+  host.restart_with_fast_allocator()  # first: the new process starts over (and installs STOP again)
   parse = functools.partial(cli.parse_flags, hint="config keys are listed in configs/common.py and the config file")
-  app.run(lambda argv: run_cli(run, argv), flags_parser=parse)
+  app.run(lambda argv: run_cli(run, argv, STOP), flags_parser=parse)
 
 
 if __name__ == "__main__":

@@ -12,46 +12,66 @@ from vit_jax.workdir import METRICS_FILE
 
 
 class MetricsWriter:
-  """Appends one JSON object per step to `workdir/metrics.jsonl` and mirrors each scalar to TensorBoard."""
+  """Appends one JSON object per step to `workdir/metrics.jsonl` and mirrors each scalar to TensorBoard.
 
-  def __init__(self, workdir):
+  `resume_step`: the checkpoint step a resumed run starts from. TensorBoard then drops the points of later steps
+  that the previous run logged before dying (a purge marker at `resume_step + 1`), so re-done steps appear once.
+  """
+
+  def __init__(self, workdir, resume_step=None):
     self._active = jax.process_index() == 0
     self._path = os.path.join(workdir, METRICS_FILE)
     self._tensorboard = None
     if self._active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tensorboard = SummaryWriter(logdir=workdir)
+      self._tensorboard = SummaryWriter(logdir=workdir,
+                                        purge_step=None if resume_step is None else resume_step + 1)
 
-  def truncate_after(self, step):
-    """Drops records of steps after `step`: they were logged by a run that died before its next checkpoint."""
-    if not self._active or not os.path.exists(self._path):
-      return
-    with open(self._path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-    kept = []
-    for line in lines:
-      try:
-        if json.loads(line)["step"] <= step:
-          kept.append(line)
-      except (ValueError, KeyError):  # a line cut short by a kill
-        continue
-    if len(kept) != len(lines):
-      logging.info("Resuming at step %d: dropped %d metric record(s) written after it.", step,
-                   len(lines) - len(kept))
-      tmp = self._path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in kept))
-      os.replace(tmp, self._path)
-
-  def write(self, step, metrics):
+  def restore(self, step, records):
+    """Makes metrics.jsonl the record of steps 1..`step` on resume: drops records of later steps (logged by a run
+    that died before its next checkpoint) and lines cut short or damaged, and puts back any of `records` (those
+    written since the previous checkpoint, kept in the checkpoint) that is missing."""
     if not self._active:
       return
+    lines = []
+    if os.path.exists(self._path):
+      with open(self._path, "rb") as f:
+        lines = f.read().splitlines()
+    kept, later, unreadable = [], 0, 0
+    for line in lines:
+      try:
+        record = json.loads(line)
+        record_step = record["step"]
+      except (ValueError, KeyError, TypeError):  # cut by a kill, damaged, or not UTF-8
+        unreadable += 1
+        continue
+      if record_step <= step:
+        kept.append(record)
+      else:
+        later += 1
+    missing = [record for record in records if record not in kept]
+    if not (later or unreadable or missing):
+      return
+    kept = sorted(kept + missing, key=lambda record: record["step"])  # stable: a step's records keep their order
+    logging.info("Resuming at step %d: metrics.jsonl %s.", step, ", ".join(part for part in (
+        later and f"dropped {later} record(s) of later steps", unreadable and f"skipped {unreadable} unreadable "
+        "line(s)", missing and f"restored {len(missing)} record(s) from the checkpoint") if part))
+    tmp = self._path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write("".join(json.dumps(record) + "\n" for record in kept))
+    os.replace(tmp, self._path)
+
+  def write(self, step, metrics):
+    """Appends the record of `step`; returns it (the loop keeps the records since the last checkpoint)."""
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    if not self._active:
+      return record
     with open(self._path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record) + "\n")
     for key, value in metrics.items():
       self._tensorboard.add_scalar(key, float(value), int(step))
     self._tensorboard.flush()
+    return record
 
   def close(self):
     if self._tensorboard is not None:

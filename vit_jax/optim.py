@@ -7,6 +7,7 @@ by cosine or linear decay.
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from vit_jax.errors import UserError
 from vit_jax.models.precision import DTYPES
@@ -22,8 +23,15 @@ def make_schedule(*, base_lr, total_steps, warmup_steps, decay_type):
   """
   if decay_type not in DECAY_TYPES:
     raise UserError(f"unknown decay_type {decay_type!r}; use one of {', '.join(DECAY_TYPES)}")
+  if not base_lr > 0:  # also NaN
+    raise UserError(f"base_lr={base_lr} must be positive; e.g. 1e-3 for adamw, 0.03 for sgd fine-tuning")
+  if total_steps < 1:
+    raise UserError(f"total_steps={total_steps} must be at least 1")
   if warmup_steps < 0:
     raise UserError(f"warmup_steps={warmup_steps} is negative; use 0 or more")
+  if warmup_steps > total_steps:
+    logging.warning("warmup_steps=%d > total_steps=%d: the learning rate rises to only %.3g of base_lr and never "
+                    "decays.", warmup_steps, total_steps, total_steps / warmup_steps)
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
@@ -54,6 +62,12 @@ def make_optimizer(*, optimizer, base_lr, total_steps, warmup_steps, decay_type,
     raise UserError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
   if momentum_dtype not in DTYPES:
     raise UserError(f"unknown momentum_dtype {momentum_dtype!r}; use one of {', '.join(DTYPES)}")
+  for name, value in (("momentum", momentum), ("beta2", beta2)):
+    if not 0 <= value < 1:
+      raise UserError(f"{name}={value} must be in [0, 1), e.g. 0.9")
+  for name, value in (("weight_decay", weight_decay), ("grad_norm_clip", grad_norm_clip)):
+    if not value >= 0:
+      raise UserError(f"{name}={value} must be 0 (off) or positive")
   schedule = make_schedule(base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps,
                            decay_type=decay_type)
   if optimizer == "sgd":
@@ -61,9 +75,10 @@ def make_optimizer(*, optimizer, base_lr, total_steps, warmup_steps, decay_type,
   else:
     tx = optax.adamw(schedule, b1=momentum, b2=beta2, weight_decay=weight_decay, mu_dtype=DTYPES[momentum_dtype],
                      mask=kernel_mask)
-  if grad_norm_clip:
-    tx = optax.chain(optax.clip_by_global_norm(grad_norm_clip), tx)
-  return tx, schedule
+  # Always a chain of two, so that turning clipping on or off keeps the state's structure (and a checkpoint
+  # resumes with a changed grad_norm_clip).
+  clip = optax.clip_by_global_norm(grad_norm_clip) if grad_norm_clip else optax.identity()
+  return optax.chain(clip, tx), schedule
 
 
 CONFIG_KEYS = ("optimizer", "base_lr", "total_steps", "warmup_steps", "decay_type", "momentum", "beta2",

@@ -8,7 +8,6 @@ its creation on (`vit_jax.sharding`). This module is the only reader of the whol
 calls takes explicit arguments.
 """
 import os
-import signal
 import time
 
 import jax
@@ -20,7 +19,8 @@ from absl import logging
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
-from vit_jax import checkpoint, data, flops, models, objectives, optim, sharding, steps, workdir as workdir_lib
+from vit_jax import (checkpoint, data, flops, interrupts, models, objectives, optim, sharding, steps,
+                     workdir as workdir_lib)
 from vit_jax.errors import UserError
 from vit_jax.evaluators import classification, fewshot
 from vit_jax.metrics_writer import MetricsWriter
@@ -37,6 +37,13 @@ def validate_config(config):
   for key in ("eval_every", "checkpoint_every"):
     if config[key] < 0:
       raise UserError(f"{key}={config[key]} must be 0 (only at the end) or positive")
+  if config.peak_flops is not None and not config.peak_flops > 0:
+    raise UserError(f"peak_flops={config.peak_flops} must be positive, or unset to measure it")
+  if config.get("fewshot") and config.fewshot.every < 0:
+    raise UserError(f"fewshot.every={config.fewshot.every} must be 0 (off) or positive")
+  for stage in config.crop_stages:
+    if len(tuple(stage)) != 2 or not all(isinstance(v, int) for v in stage) or stage[0] < 0 or stage[1] < 1:
+      raise UserError(f"crop_stages entry {tuple(stage)} must be (start_step >= 0, crop >= 1)")
 
 
 def model_config_from(config):
@@ -134,24 +141,12 @@ def _due(step, every):
   return every > 0 and step % every == 0
 
 
-class _Preemption:
-  """Remembers a SIGTERM so the loop can checkpoint the current step and stop cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint at the current step, then exiting.")
-    self.requested = True
-
-  def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+def _any_process(flag):
+  """True on every process if `flag` holds on any: the processes of a multi-process run stop at the same step (the
+  save is collective). One tiny all-gather per step, only when there are several processes."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _train_record(pending, steps_run, seconds, batch, flops_per_step, peak):
@@ -165,21 +160,38 @@ def _train_record(pending, steps_run, seconds, batch, flops_per_step, peak):
   return record
 
 
-def _check_finite(records, first_step, manager, workdir):
+def _check_finite(records, first_step, manager, workdir, base_lr):
+  """A UserError at the first step whose loss or gradient norm is not finite (its update made the parameters
+  non-finite, so no checkpoint of it or later is saved), naming the way back."""
   for offset, record in enumerate(records):
-    if not np.isfinite(record["train_loss"]):
+    bad = [key for key in ("train_loss", "grad_norm") if not np.isfinite(record[key])]
+    if bad:
       manager.wait_until_finished()  # the last good checkpoint must be complete before we stop
       last = manager.latest_step()
-      kept = f"the last good checkpoint (step {last}) stays in {workdir}" if last is not None else "no checkpoint"
-      raise UserError(f"train loss is {record['train_loss']} at step {first_step + offset}; {kept}; lower "
-                      "base_lr, raise warmup_steps or set grad_norm_clip")
+      if last is None:
+        kept = f"there is no checkpoint; rerun with a new --workdir and e.g. --config.base_lr={base_lr / 10:g}"
+      else:
+        kept = (f"the last good checkpoint (step {last}) stays in {workdir}: rerun the same command there with e.g. "
+                f"--config.base_lr={base_lr / 10:g}, a larger --config.warmup_steps or --config.grad_norm_clip=1 "
+                f"(these may change on resume)")
+      raise UserError(f"{bad[0]} is {record[bad[0]]} at step {first_step + offset}; {kept}")
+
+
+def _state_bytes(abstract_state):
+  """Bytes of one checkpoint of `abstract_state` plus the float32 model.npz of its parameters."""
+  state = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_state))
+  return state + sum(leaf.size * 4 for leaf in jax.tree.leaves(abstract_state.params))
 
 
 # --- the loop --------------------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None):
-  """Trains and evaluates; returns the last eval metrics. `devices` (default: all) builds the mesh."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None, stop=None):
+  """Trains and evaluates; returns the last eval metrics. `devices` (default: all) builds the mesh.
+
+  `stop`: the entry point's entered `vit_jax.interrupts.StopSignals`, which says when SIGTERM or SIGINT asked the
+  run to checkpoint the current step and return early (default: none, signals act as the caller set them).
+  """
   validate_config(config)
   objective = objectives.get(config.trainer).from_config(config)
   model_config = model_config_from(config)
@@ -202,26 +214,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                             image_size=first_crop)
 
   workdir_lib.check_writable(workdir)  # the first write, once every check that can fail fast has passed
+  save_bytes = _state_bytes(abstract_state)
+  workdir_lib.check_free_space(workdir, save_bytes)
+  with workdir_lib.locked(workdir):  # one run per workdir, from here to the end
+    stop = stop if stop is not None else interrupts.StopSignals()  # not entered: inert, signals act as before
+    try:
+      return _train(config, workdir, mesh=mesh, model=model, model_config=model_config, objective=objective,
+                    tx=tx, schedule=schedule, num_classes=info.num_classes, pretrained=pretrained, stop=stop)
+    except Exception as e:  # pylint: disable=broad-except  # a full disk can surface from any writer
+      if workdir_lib.is_disk_full(e):
+        raise workdir_lib.disk_full_error(e, workdir, save_bytes) from None
+      raise
+
+
+def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedule, num_classes, pretrained, stop):
+  """The loop of `train_and_evaluate`, in a locked workdir."""
+  platform = mesh.devices.flat[0].platform
   manager = workdir_lib.checkpoint_manager(workdir, keep=config.keep_checkpoints, platform=platform)
   writer = train_iter = None  # closed in `finally`, also when setting up fails
   try:
-    restored_step = manager.latest_step()
-    workdir_lib.write_config(config, workdir, resuming=restored_step is not None)
-    writer = MetricsWriter(workdir)
-    # The checkpoint of step s holds the state that step s - 1 produced, at that step's resolution.
-    crop = first_crop if restored_step is None else crop_at(config, restored_step - 1)
+    workdir_lib.write_config(config, workdir, resuming=bool(manager.all_steps()))
+
+    def layout(crop):  # the state's abstract shapes at image size `crop`, and its shardings
+      abstract = jax.eval_shape(steps.make_init_fn(model, tx, crop), jax.random.PRNGKey(0))
+      return abstract, sharding.tree_shardings(abstract, mesh)
+
+    def target_at(step):  # the checkpoint of step s holds the state that step s - 1 produced, at its resolution
+      abstract, shardings = layout(crop_at(config, step - 1))
+      return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+    restored = workdir_lib.restore_newest_good(manager, target_at)
+    restored_step = restored[0] if restored else None
+    if restored_step is not None and restored_step > config.total_steps:
+      raise UserError(f"total_steps={config.total_steps} is below step {restored_step} of the checkpoint in "
+                      f"{workdir}; pass --config.total_steps={restored_step} or more, or a new --workdir")
+    crop = crop_at(config, 0 if restored_step is None else restored_step - 1)
     init_fn = steps.make_init_fn(model, tx, crop)
-    abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    state_shardings = sharding.tree_shardings(abstract_state, mesh)
+    _, state_shardings = layout(crop)
+    writer = MetricsWriter(workdir, resume_step=restored_step)
     train_iter = train_iterator(config, crop, mesh)
     pending = []  # per-step metrics since the last log line; saved with checkpoints so resumed logs match
-    if restored_step is not None:
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_state, state_shardings)
-      state, extra = workdir_lib.restore_checkpoint(manager, restored_step, target)
+    written = []  # metrics.jsonl records since the last checkpoint; saved with it, put back if the file lost them
+    if restored is not None:
+      _, state, extra = restored
       train_iter.set_state(extra["data"])
       pending = extra["pending_metrics"]
-      writer.truncate_after(restored_step)
+      writer.restore(restored_step, extra.get("records", []))
       logging.info("Resumed from %s at step %d.", manager.directory, restored_step)
     else:
       state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
@@ -236,16 +274,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     if objective.classifies:
       eval_step = classification.make_eval_step(model, loss=objective.loss, mesh=mesh,
                                                 param_shardings=state_shardings.params)
-    num_outputs = objective.num_outputs(info.num_classes)
+    num_outputs = objective.num_outputs(num_classes)
     flops_per_image = lambda crop: flops.train_flops_per_image(model_config, crop, num_outputs)
     peak = config.peak_flops or flops.peak_flops(model.dtype)
     fewshot_eval = fewshot_evaluator(config)
     step = int(state.step)
     eval_metrics = {}
-    with _Preemption() as preemption, tqdm.tqdm(total=config.total_steps, initial=step, unit="step",
-                                                disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
+    with tqdm.tqdm(total=config.total_steps, initial=step, unit="step", disable=jax.process_index() != 0,
+                   dynamic_ncols=True) as bar:
       last_time, last_step = time.perf_counter(), step
-      while step < config.total_steps and not preemption.requested:
+      while step < config.total_steps:
         if crop_at(config, step) != crop:  # progressive resizing: the next resolution stage begins
           crop = crop_at(config, step)
           logging.info("Step %d: image size %s from now on; resampling position embeddings.", step, crop)
@@ -253,20 +291,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
           train_iter.close()
           train_iter = train_iterator(config, crop, mesh)
         state, metrics = train_step(state, next(train_iter))
+        stop.enter_loop()  # from the first step on, a signal asks for a checkpoint of it instead of exiting
         step += 1
         pending.append(metrics)
         bar.update(1)
         final = step == config.total_steps
+        stopping = _any_process(stop.requested is not None)  # once per step: the watcher may set it at any moment
         log, save = _due(step, config.progress_every) or final, _due(step, config.checkpoint_every) or final
-        if log or save or preemption.requested:
+        if log or save or stopping:
           pending = [{k: float(v) for k, v in record.items()} for record in jax.device_get(pending)]
-          _check_finite(pending, step - len(pending) + 1, manager, workdir)
-        periodic = {}  # evaluations due at this step
-        if eval_step is not None and (_due(step, config.eval_every) or final):
+          _check_finite(pending, step - len(pending) + 1, manager, workdir, config.base_lr)
+        periodic = {}  # evaluations due at this step; skipped when stopping early, to save within the grace period
+        if eval_step is not None and (_due(step, config.eval_every) or final) and (final or not stopping):
           result = classification.evaluate(eval_step, state.params, eval_iterator(config, crop, mesh))
           eval_metrics = {"test_loss": result["loss"], "test_accuracy": result["accuracy"]}
           periodic.update(eval_metrics)
-        if fewshot_eval and (_due(step, config.fewshot.every) or final):
+        if fewshot_eval and (_due(step, config.fewshot.every) or final) and (final or not stopping):
           periodic.update(fewshot_eval(state.params, model))
         if log:
           now = time.perf_counter()
@@ -274,16 +314,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                  config.batch * flops_per_image(crop), peak)
           pending = []
           record.update(periodic)
-          writer.write(step, record)
+          written.append(writer.write(step, record))
           bar.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "img_per_sec", "test_accuracy")
                            if k in record})
           logging.info("step %d: %s", step, record)
           last_time, last_step = time.perf_counter(), step
         elif periodic:
-          writer.write(step, periodic)
-        if save or preemption.requested:
-          workdir_lib.save_checkpoint(manager, step, state,
-                                      {"data": train_iter.get_state(), "pending_metrics": pending})
+          written.append(writer.write(step, periodic))
+        if save or stopping:
+          workdir_lib.save_checkpoint(manager, step, state, {"data": train_iter.get_state(),
+                                                            "pending_metrics": pending, "records": written})
+          written = []
+        if stopping:
+          break
   finally:  # also on errors: in-flight checkpoints complete, files close
     if train_iter is not None:
       train_iter.close()
@@ -292,8 +335,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     if writer is not None:
       writer.close()
   if step < config.total_steps:
-    logging.info("Stopped at step %d after SIGTERM; rerun the same command to resume.", step)
+    logging.info("Stopped at step %d after a signal; rerun the same command to resume.", step)
     return eval_metrics
+  stop.leave_loop()  # the last checkpoint is complete: an interrupt during the export loses nothing
   model_path = workdir_lib.path(workdir, workdir_lib.MODEL_FILE)
   if restored_step == step and os.path.exists(model_path):
     logging.info("The run in %s was already complete; %s is up to date.", workdir, model_path)

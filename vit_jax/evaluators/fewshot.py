@@ -114,6 +114,8 @@ class FewShotEvaluator:
       raise UserError(f"fewshot.shots={tuple(shots)} must be positive integers")
     if seeds < 1:
       raise UserError(f"fewshot.seeds={seeds} must be at least 1")
+    if not l2_reg > 0 or batch < 1:
+      raise UserError(f"fewshot.l2_reg={l2_reg} must be positive and fewshot.batch={batch} at least 1")
     self.seeds, self.l2_reg, self.batch = int(seeds), float(l2_reg), int(batch)
     self.dataset = dataset
     pp = {"crop": pp["crop"], "resize": pp.get("resize")}

@@ -103,4 +103,18 @@ def get_model(name, *, num_classes, **overrides):
       config[key].update(value)
     else:
       config[key] = value
+  _check_ranges(config)
   return VisionTransformer(num_classes=num_classes, **config)
+
+
+def _check_ranges(config):
+  """A UserError for a size below 1 or a dropout rate outside [0, 1), naming the field."""
+  transformer = config.get("transformer") or {}
+  sizes = {"hidden_size": config.get("hidden_size"),
+           **{f"transformer.{k}": transformer.get(k) for k in ("num_layers", "num_heads", "mlp_dim")}}
+  for key, value in sizes.items():
+    if isinstance(value, int) and value < 1:
+      raise UserError(f"model {key}={value} must be at least 1")
+  for key, value in transformer.items():
+    if key.endswith("_rate") and not 0 <= value < 1:
+      raise UserError(f"model transformer.{key}={value} must be in [0, 1)")

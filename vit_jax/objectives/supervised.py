@@ -39,6 +39,8 @@ class Supervised:
   def __post_init__(self):
     if self.loss not in LOSSES:
       raise UserError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
+    if not 0 <= self.label_smoothing < 1:
+      raise UserError(f"label_smoothing={self.label_smoothing} must be in [0, 1), e.g. 0.1")
 
   @classmethod
   def from_config(cls, config):

@@ -1,6 +1,7 @@
 """Splitting a CPU host into several JAX devices: the `auto` rule, and what a fresh process ends up with."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -106,3 +107,21 @@ def test_main_evaluate_and_infer_split_by_default_and_a_bad_count_is_one_error_l
                           capture_output=True, text=True, timeout=240, check=False)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("error: cpu_devices=-2 must be 0 (auto)")
+
+
+@pytest.mark.parametrize("batch_sizes, mesh_sizes, num_params, expected", [
+    ((128, 512), (-1,), 1000, None),
+    ((128, 127), (-1,), 1000, r"1, not 4, because not every batch size \(128, 127\) .* multiples of 4"),
+    ((128, 512), (2, 1, 1), 1000, r"2, not 4: the mesh sizes \(2, 1, 1\) fix the count"),
+    ((128, 512), (-1,), 10**9, "quarter of the host's memory"),
+])
+def test_the_log_says_which_value_made_auto_split_into_fewer_devices(batch_sizes, mesh_sizes, num_params, expected):
+  host_bytes = 64 * 2**30
+  count = cpu_devices.auto_count(cores=2, num_params=num_params, host_bytes=host_bytes, batch_sizes=batch_sizes,
+                                 mesh_sizes=mesh_sizes)
+  reason = cpu_devices.why_fewer(count, cores=2, num_params=num_params, host_bytes=host_bytes,
+                                 batch_sizes=batch_sizes, mesh_sizes=mesh_sizes)
+  if expected is None:
+    assert count == 4 and reason is None
+  else:
+    assert re.search(expected, reason), reason

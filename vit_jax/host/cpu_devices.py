@@ -96,4 +96,24 @@ def configure(requested: int, *, num_params: int, batch_sizes: Iterable[int],
     logging.info("cpu_devices=%d not applied: JAX's devices already exist.", count)
     return None
   logging.info("CPU devices: %d (%s; docs/benchmarks.md).", count, "cpu_devices" if requested else "auto")
+  reason = None if requested else why_fewer(count, cores=host_cores(), num_params=num_params,
+                                            host_bytes=host_memory_bytes(), batch_sizes=batch_sizes,
+                                            mesh_sizes=mesh_sizes)
+  if reason:
+    logging.warning("CPU devices: %s", reason)
   return count
+
+
+def why_fewer(count: int, *, cores: int, num_params: int, host_bytes: int, batch_sizes: Iterable[int],
+              mesh_sizes: Iterable[int] = (-1,)) -> Optional[str]:
+  """Which config value made `auto` choose `count` devices, fewer than the host's cores allow, and the fix."""
+  best, batch_sizes = min(MAX_AUTO_DEVICES, DEVICES_PER_CORE * cores), tuple(batch_sizes)
+  if count >= best:
+    return None
+  if -1 not in tuple(mesh_sizes):
+    return f"{count}, not {best}: the mesh sizes {tuple(mesh_sizes)} fix the count; set one axis to -1 to let it grow"
+  if (count + 1) * num_params * STATE_BYTES_PER_PARAM > MAX_STATE_FRACTION * host_bytes:
+    return (f"{count}, not {best}: more copies of the training state would take over a quarter of the host's "
+            "memory")
+  return (f"{count}, not {best}, because not every batch size {batch_sizes} (per micro-step: batch / accum_steps; "
+          f"batch_eval) is divisible by more; multiples of {best} train up to that much faster")

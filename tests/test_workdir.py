@@ -141,8 +141,8 @@ def test_warmup_longer_than_the_run_is_a_warning_that_says_what_it_means(caplog)
 
 # --- one run per workdir ----------------------------------------------------------------------------------------
 
-_HOLD = ("import sys, time\nfrom vit_jax import workdir\nwith workdir.locked(sys.argv[1]):\n  print('held', flush=True)\n"
-         "  time.sleep(600)\n")
+_HOLD = ("import sys, time\nfrom vit_jax import workdir\nwith workdir.locked(sys.argv[1]):\n"
+         "  print('held', flush=True)\n  time.sleep(600)\n")
 
 
 def test_a_second_run_in_a_live_workdir_is_refused_and_a_dead_holder_never_blocks(tmp_path):

@@ -128,3 +128,17 @@ def test_batch_zero_finds_the_largest_batch_that_fits():
 
   result = run_benchmark("--batch=0")  # CPUs report no memory limit
   assert result.returncode == 2 and result.stderr.startswith("error: --batch=0 needs --memory_limit_gib")
+
+
+@pytest.mark.slow
+def test_data_benchmark_cli_runs_on_digits():
+  """The README's `python -m vit_jax.tools.data_benchmark --dataset=...`, on the dataset that needs no download."""
+  result = subprocess.run([sys.executable, "-m", "vit_jax.tools.data_benchmark", "--dataset=digits", "--workers=0",
+                           "--seconds=0.2", "--crop=8", "--batch=8"], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[0].startswith("dataset=digits split=train crop=8") and lines[1].startswith("workers=0: ")
+  assert float(lines[1].split()[1]) > 0  # images per second
+  bad = subprocess.run([sys.executable, "-m", "vit_jax.tools.data_benchmark", "--dataset=digits", "--workers=two"],
+                       capture_output=True, text=True, timeout=300)
+  assert "--workers=two must be integers" in one_error_line(bad)

@@ -171,6 +171,22 @@ def test_load_pretrained_errors_name_the_key_and_shapes(tmp_path):
                                model_config=config)
 
 
+def test_load_pretrained_refuses_non_finite_values_naming_the_tensor(tmp_path):
+  good = flat(noisy(init(tiny_testing_model(), (32, 32))))
+  broken = dict(good)
+  kernel = broken["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"].copy()
+  kernel[0, :3] = [np.nan, np.inf, -np.inf]
+  broken["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"] = kernel
+  path = write_npz(tmp_path / "nan.npz", broken)
+  with pytest.raises(UserError, match=r"pretrained checkpoint .*nan.npz has 3 non-finite value\(s\) \(NaN or "
+                                      r"infinity\) in Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel \(10, 10\); "
+                                      r"the file is corrupt"):
+    checkpoint.load_pretrained(pretrained_path=path, init_params=init(tiny_testing_model(), (32, 32)),
+                               model_config=models.get_model_config("testing"))
+  # `load` reads any file (inspect shows what is wrong with it); the values come back as they are.
+  assert np.isnan(flat(checkpoint.load(path))["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"][0, 0])
+
+
 def test_bad_checkpoint_files(tmp_path):
   with pytest.raises(UserError, match=r"does not exist; download a zoo file"):
     checkpoint.load(tmp_path / "missing.npz")
@@ -216,6 +232,32 @@ def test_inspect_cli(tmp_path):
   result = run_inspect(str(tmp_path / "nope.npz"))
   assert result.returncode == 2
   assert result.stderr.startswith("error: checkpoint") and len(result.stderr.strip().splitlines()) == 1
+  # A file with NaN is shown, with its broken tensors named.
+  broken = flat(params)
+  broken["cls"] = np.full_like(broken["cls"], np.nan)
+  result = run_inspect(write_npz(tmp_path / "nan.npz", broken))
+  assert result.returncode == 0, result.stderr
+  assert "non-finite values (NaN or infinity) in 1 tensor(s): cls (10)" in result.stdout
+
+
+@pytest.mark.slow
+def test_inspect_cli_takes_a_workdir_positional_or_as_checkpoint(tmp_path):
+  params = init(models.get_model("testing", num_classes=5), (32, 32))
+  checkpoint.save(params, tmp_path / "run" / "model.npz")
+  (tmp_path / "run" / "config.json").write_text('{"model_name": "testing", "dataset": "digits"}')
+  for args in ([str(tmp_path / "run")], [f"--checkpoint={tmp_path / 'run'}"]):
+    result = run_inspect(*args)
+    assert result.returncode == 0, result.stderr
+    assert "model: testing" in result.stdout and "run's model: testing (config.json)" in result.stdout
+    assert f"file: {tmp_path / 'run' / 'model.npz'}" in result.stdout
+  for args in ([], [str(tmp_path / "run"), f"--checkpoint={tmp_path / 'run'}"]):
+    result = run_inspect(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: give one checkpoint")
+  (tmp_path / "unfinished").mkdir()
+  (tmp_path / "unfinished" / "config.json").write_text('{"model_name": "testing"}')
+  result = run_inspect(f"--checkpoint={tmp_path / 'unfinished'}")
+  assert result.returncode == 2 and "has no model.npz yet" in result.stderr
 
 
 @pytest.mark.slow

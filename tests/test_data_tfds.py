@@ -1,7 +1,10 @@
 """TFDS sources without the network: `tfds.testing.mock_data`, and a tiny real ArrayRecord dataset."""
 import io
+import os
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 from jax.sharding import Mesh
@@ -129,3 +132,48 @@ def test_prepare_cli_unknown_dataset_exits_2():
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and "no_such_dataset_xyz" in lines[0]
+
+
+# A machine without a network: every name lookup fails, as it does offline (the probe's and TFDS's own).
+_OFFLINE_PREPARE = """
+import runpy, socket, sys
+def no_network(*args, **kwargs):
+  raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+socket.getaddrinfo = no_network
+sys.argv = ["prepare_data", *sys.argv[1:]]
+runpy.run_module("vit_jax.tools.prepare_data", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_prepare_cli_offline_fails_fast_with_the_manual_download(tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}  # the probe runs without a proxy
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, "-c", _OFFLINE_PREPARE, "--dataset=cifar10", f"--tfds_data_dir={tmp_path}"],
+                        capture_output=True, text=True, timeout=120, env=env)
+  seconds = time.monotonic() - start
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and lines[0] == proc.stderr.strip().splitlines()[-1]
+  assert lines[0].startswith("error: downloading 'cifar10' failed (cannot reach www.cs.toronto.edu: ")
+  assert "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz" in lines[0]
+  assert f"put them in {tmp_path}/downloads/manual (TFDS's manual dir; --manual_dir=DIR" in lines[0]
+  assert seconds < 60  # TFDS's own 10 retries with back-off take minutes
+
+
+def test_unreachable_hosts_probes_each_host_once_and_not_behind_a_proxy(monkeypatch):
+  for name in [k for k in os.environ if k.lower().endswith("_proxy")]:
+    monkeypatch.delenv(name)
+  probed = []
+
+  def connect(address, timeout):
+    probed.append((address, timeout))
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+  monkeypatch.setattr(socket, "create_connection", connect)
+  urls = ["https://a.example/x.tar", "https://a.example/y.tar", "http://b.example:8080/z", "gs://bucket/file"]
+  reason = f"[Errno {socket.EAI_NONAME}] Name or service not known"
+  assert prepare.unreachable_hosts(urls, timeout_s=2) == {"a.example": reason, "b.example": reason}
+  assert probed == [(("a.example", 443), 2), (("b.example", 8080), 2)]
+  monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+  assert prepare.unreachable_hosts(urls) == {}  # downloads go through the proxy: a direct probe proves nothing

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tests import numpy_vit
-from tests.test_infer import CROP, error_line, flat, make_workdir, random_params, run_cli, tiny_model
+from tests.test_infer import CROP, error_line, flat, make_workdir, random_params, run_cli, tiny_model, with_value
 from vit_jax import data
 from vit_jax.evaluators import fewshot
 from vit_jax.tools import cli, evaluate, trained_model
@@ -89,3 +89,15 @@ def test_cli(trained_workdir, tmp_path):
                                                             "stray"))
   line = error_line(run_cli("vit_jax.tools.evaluate", f"--checkpoint={workdir}", "--batch_size=many"))
   assert line.startswith("error: bad command-line flag") and "batch_size" in line
+
+
+def test_non_finite_checkpoint_is_one_error_line_not_a_nan_result(trained_workdir, tmp_path):
+  _, params = trained_workdir
+  workdir, _ = make_workdir(tmp_path / "nan", with_value(params, "head/bias", np.inf))
+  line = error_line(run_cli("vit_jax.tools.evaluate", f"--checkpoint={workdir}", "--split=test[:8]",
+                            "--batch_size=8"))
+  assert f"checkpoint {workdir} has 10 non-finite value(s) (NaN or infinity) in head/bias (10,)" in line
+  # Finite parameters whose activations overflow: the loss is NaN, which is no result either.
+  workdir, _ = make_workdir(tmp_path / "huge", with_value(params, "embedding/kernel", 1e38))
+  with pytest.raises(UserError, match=r"computes a non-finite loss \(nan\) on digits:test\[:8\]"):
+    evaluate.evaluate(trained_model.load(workdir, with_class_names=False), split="test[:8]", batch_size=8)

@@ -60,8 +60,11 @@ def run_cli(module, *args):
 
 
 def error_line(result):
+  """The one `error:` line of a CLI that failed as users should see it: exit 2, no traceback, last on stderr."""
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert [line for line in lines if line.startswith("error:")] == lines[-1:], lines[-3:]
   assert lines[-1].startswith("error: "), lines[-3:]
   return lines[-1]
 
@@ -201,3 +204,31 @@ def test_user_errors(setup, tmp_path):
   (tmp_path / "run").mkdir()
   with pytest.raises(UserError, match="no config.json"):
     trained_model.load(str(tmp_path / "run"))
+
+
+def with_value(params, key, value):
+  """A copy of `params` with parameter `key` ('/'-joined) set to `value` everywhere."""
+  flat_params = flat(params)
+  flat_params[key] = np.full_like(flat_params[key], value)
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat_params.items()})
+
+
+def test_non_finite_checkpoint_is_refused_naming_the_tensor(setup, tmp_path):
+  _, params, images = setup
+  workdir, _ = make_workdir(tmp_path / "nan", with_value(params, "Transformer/encoder_norm/scale", np.nan))
+  with pytest.raises(UserError, match=r"checkpoint .*nan has 32 non-finite value\(s\) \(NaN or infinity\) in "
+                                      r"Transformer/encoder_norm/scale \(32,\); it is corrupt or from a run that "
+                                      r"diverged"):
+    trained_model.load(workdir)
+  line = error_line(run_cli("vit_jax.tools.infer", f"--checkpoint={workdir}/model.npz", str(images / "rgb.png")))
+  assert f"checkpoint {workdir}/model.npz has 32 non-finite value(s)" in line and "encoder_norm/scale" in line
+
+
+def test_finite_checkpoint_that_computes_nan_is_refused(setup, tmp_path):
+  """Parameters too large for float32: the patch embeddings overflow to infinity, the layer norms give NaN."""
+  _, params, images = setup
+  huge, _ = make_workdir(tmp_path / "huge", with_value(params, "embedding/kernel", 1e38))
+  trained = trained_model.load(huge, with_class_names=False)
+  with pytest.raises(UserError, match=r"computes non-finite probabilities \(NaN or infinity\) for .*rgb.png; its "
+                                      r"parameters are finite"):
+    infer.predict_files(trained, [str(images / "rgb.png")], k=2, batch_size=2)

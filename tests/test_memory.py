@@ -154,3 +154,7 @@ def test_cli_report_table_and_errors():
   bad = run("--model_name=ViT-Q_16")
   assert bad.returncode == 2
   assert bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+  # An unknown mesh axis is a bad flag naming the axes there are.
+  bad = run("--model_name=ViT-B_16", "--batch=8", "--mesh.foo=2")
+  assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+  assert bad.stderr.startswith("error: bad command-line flag (Unknown command line flag mesh.foo")

@@ -89,6 +89,29 @@ def load(path):
   return _unflatten(flat)
 
 
+def non_finite(params):
+  """[(key, count of NaN and infinite values, shape)] of the floating-point parameters holding any, in key order."""
+  found = []
+  for key, value in sorted(flatten(params).items()):
+    value = np.asarray(value)
+    try:
+      finite = np.isfinite(value)
+    except TypeError:  # not a number type: nothing to check
+      continue
+    if not finite.all():
+      found.append((key, int(finite.size - np.count_nonzero(finite)), value.shape))
+  return found
+
+
+def check_finite(params, what, fix):
+  """UserError naming the first parameter of `params` (called `what` in the message) holding NaN or infinity."""
+  found = non_finite(params)
+  if found:
+    key, count, shape = found[0]
+    more = f" (and {len(found) - 1} more tensor(s))" if len(found) > 1 else ""
+    raise UserError(f"{what} has {count} non-finite value(s) (NaN or infinity) in {key} {tuple(shape)}{more}; {fix}")
+
+
 def save(params, path):
   """Writes `params` as a zoo `.npz` (one array per '/'-joined path); `load(path)` gives them back bit for bit.
 
@@ -167,10 +190,15 @@ def load_pretrained(*, pretrained_path, init_params, model_config, image_size=No
   - `pre_logits` is dropped when the model has no representation layer;
   - position embeddings are resized to the model's grid (`image_size`, int or (height, width), is needed only
     for non-square grids).
-  One log line per changed tensor. Any other missing or extra key, or shape mismatch, is a UserError naming it.
+  One log line per changed tensor. Any other missing or extra key, shape mismatch, or a NaN or infinity in the
+  file is a UserError naming it.
   A model with `scan_layers=True` gets its encoder blocks stacked, as its `init_params` are.
   """
-  restored = flatten(load(pretrained_path))
+  restored = load(pretrained_path)
+  # Refused here, not in `load`: inspecting a broken file must still work, starting from one must not.
+  check_finite(restored, f"pretrained checkpoint {pretrained_path}",
+               "the file is corrupt or from a run that diverged; download it again or start from another checkpoint")
+  restored = flatten(restored)
   init_params = flax.core.unfreeze(init_params)
   scanned = "encoderblock" in init_params.get("Transformer", {})
   expected = flatten(vit.unstack_layers(init_params))

@@ -18,12 +18,15 @@ Flags are defined when the tool runs, not when it is imported: tools import one 
 import dataclasses
 import json
 import math
+import numbers
 import os
 import sys
+import traceback
 from typing import Any, Callable, Optional, Sequence, Union
 
 from absl import app, flags
 import jax
+from ml_collections.config_flags import config_flags
 
 from vit_jax import models, optim
 from vit_jax.errors import UserError, run_cli
@@ -124,19 +127,81 @@ def write_output(path: str, content: Union[str, Callable[[str], Any]]):
     raise UserError(f"cannot write {path}: {e.strerror or e}; pass an --output path you can write to") from None
 
 
+def _non_finite_fields(value, prefix=""):
+  """'name=value' of each NaN or infinite float in a JSON-like result (dotted names)."""
+  if isinstance(value, dict):
+    return [field for key, item in value.items() for field in _non_finite_fields(item, f"{prefix}{key}.")]
+  if isinstance(value, (list, tuple)):
+    return [field for i, item in enumerate(value) for field in _non_finite_fields(item, f"{prefix}{i}.")]
+  return [f"{prefix.rstrip('.')}={value}"] if isinstance(value, numbers.Real) and not math.isfinite(value) else []
+
+
 def print_json(result, output=None):
-  """Prints a tool's result as indented JSON, and writes the same text to `output` when given."""
-  text = json.dumps(result, indent=2)
+  """Prints a tool's result as indented JSON, and writes the same text to `output` when given. A NaN or infinity
+  is a UserError naming the field: JSON has no such numbers, and such a result is no result."""
+  bad = _non_finite_fields(result)
+  if bad:
+    source = f" {result['checkpoint']}" if isinstance(result, dict) and result.get("checkpoint") else ""
+    raise UserError(f"the result has non-finite values ({', '.join(bad)}): the model computes NaN or infinity; "
+                    f"check the checkpoint{source} (python -m vit_jax.tools.inspect shows non-finite parameters)")
+  text = json.dumps(result, indent=2, allow_nan=False)
   print(text)
   if output:
     write_output(output, text + "\n")
 
 
+class _ConfigFileError(Exception):
+  """A config file (`DEFINE_config_file` flag) that fails to load; not a ValueError, which absl would rewrap."""
+
+
+def _config_file_failure(name, argument, e):
+  """One-line description of why `--name=argument` did not load: the syntax error's line, or where it raised."""
+  path = os.path.abspath(argument.split(":", 1)[0])
+  if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == path:
+    return (f"cannot load --{name}={argument}: {type(e).__name__}: {e.msg} ({e.filename}, line {e.lineno}); "
+            "fix the file")
+  while e.__context__ is not None and "Error whilst parsing config file" in str(e):
+    e = e.__context__  # ml_collections re-raises get_config's TypeError and ValueError with its traceback as text
+  frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == path]
+  where = f" at {frames[-1].filename} line {frames[-1].lineno}" if frames else ""
+  what = f"{type(e).__name__}: {' '.join(str(e).split())}" if str(e) else type(e).__name__
+  fix = "fix the file"
+  if isinstance(e, TypeError) and "get_config()" in str(e) and not frames:  # called with the wrong arguments
+    fix = f"pass get_config's argument as --{name}=FILE:ARG, or fix the file" if ":" not in argument else fix
+  return f"cannot load --{name}={argument}: {what}{where}; {fix}"
+
+
+def _report_config_file_errors():
+  """Makes every config-file flag raise `_ConfigFileError` when its file fails to load (a syntax error, a
+  missing file, `get_config` raising), rather than whatever the file raised."""
+  for name in list(FLAGS):
+    parser = FLAGS[name].parser
+    if not isinstance(parser, config_flags.ConfigFileFlagParser) or getattr(parser, "vit_jax_checked", False):
+      continue
+    load = parser.parse
+
+    def checked_load(argument, name=name, load=load):
+      if not os.path.isfile(argument.split(":", 1)[0]):
+        raise _ConfigFileError(f"cannot load --{name}={argument}: no such file; pass a config file, e.g. "
+                               f"--{name}=configs/quickstart.py")
+      try:
+        return load(argument)
+      except Exception as e:  # pylint: disable=broad-except  # anything the user's file raises is the file's fault
+        raise _ConfigFileError(_config_file_failure(name, argument, e)) from None
+
+    parser.parse = checked_load
+    parser.vit_jax_checked = True
+
+
 def parse_flags(argv, hint="--help lists the flags"):
   """absl's parsing, with a bad flag (unknown name, wrong type, value not among the choices, a misspelt
-  `--config.key` of a locked config) as one error line and exit status 2."""
+  `--config.key` of a locked config) or a config file that fails to load as one error line and exit status 2."""
+  _report_config_file_errors()
   try:
     return FLAGS(argv)
+  except _ConfigFileError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    sys.exit(2)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     detail = str(e.args[0] if e.args else e)
     detail = " ".join(detail.replace("\\n", " ").replace("\\", "").replace("'", "").split())

@@ -60,6 +60,10 @@ def evaluate(trained, *, dataset=None, split=None, batch_size=256, tfds_data_dir
     metrics = classification.evaluate(eval_step, params, batches, on_batch=lambda: bar.update(1))
   if not metrics["count"]:
     raise UserError(f"no readable image in {dataset}:{split}")
+  if not math.isfinite(metrics["loss"]):  # finite parameters (checked on loading) that still overflow
+    raise UserError(f"checkpoint {trained.source} computes a non-finite loss ({metrics['loss']}) on "
+                    f"{dataset}:{split}; its parameters are finite, so its activations overflow; use another "
+                    "checkpoint")
   return {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "num_examples": metrics["count"],
           "skipped": len(source) - metrics["count"], "dataset": dataset, "split": split,
           "image_size": trained.image_size, "checkpoint": trained.source}

@@ -75,6 +75,11 @@ def predict_files(trained, paths, *, k=5, batch_size=32, strict=False, progress=
         padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
         padded[:len(images)] = images
         probabilities = np.asarray(predict(params, jax.device_put(padded, images_sharding)))[:len(images)]
+        if not np.isfinite(probabilities).all():  # finite parameters (checked on loading) that still overflow
+          path = batch_paths[int(np.flatnonzero(~np.isfinite(probabilities).all(axis=1))[0])]
+          raise UserError(f"checkpoint {trained.source} computes non-finite probabilities (NaN or infinity) for "
+                          f"{path}; its parameters are finite, so its activations overflow; use another "
+                          "checkpoint")
         for path, p in zip(batch_paths, probabilities):
           predictions.append({"path": path, "top_k": top_k(p, k, trained.label)})
       bar.update(len(batch_paths) + len(batch_skipped))

@@ -1,7 +1,12 @@
-"""Inspect a zoo `.npz` checkpoint: its parameter table, total count, and which registry model it is.
+"""Inspect a checkpoint: its parameter table, total count, which registry model it is, and any NaN or infinity.
 
   python -m vit_jax.tools.inspect FILE.npz
+  python -m vit_jax.tools.inspect --checkpoint=runs/quickstart        # a training workdir: its model.npz
+
+A file holding NaN or infinity is shown (with the first such tensors) rather than refused: the other tools and
+fine-tuning refuse it.
 """
+from absl import flags
 from clu import parameter_overview
 import jax
 import numpy as np
@@ -9,7 +14,15 @@ import numpy as np
 from vit_jax import models
 from vit_jax.errors import UserError
 from vit_jax.models import geometry, zoo
-from vit_jax.tools import cli
+from vit_jax.tools import cli, trained_model
+
+FLAGS = flags.FLAGS
+_NON_FINITE_SHOWN = 3  # tensors named when a file holds NaN or infinity
+
+
+def define_flags():
+  """Flags of this tool, defined only when it runs."""
+  cli.define_flags("checkpoint")
 
 
 def _shapes_of(name, num_classes, representation_size):
@@ -56,24 +69,39 @@ def match_registry(flat_shapes):
 
 
 def inspect(path):
-  """Prints the parameter table, the total count and the registry model the file matches."""
-  params = zoo.load(path)
+  """Prints the parameter table, the total count, the registry model the file matches, and its non-finite
+  tensors; `path` is a zoo `.npz` or a training workdir."""
+  npz, run_config = trained_model.resolve(path)
+  params = zoo.load(npz)
   flat = zoo.flatten(params)
   print(parameter_overview.get_parameter_overview(params, include_stats=False))
+  if run_config is not None:
+    print(f"file: {npz}")
   print(f"parameters: {sum(int(np.prod(v.shape)) for v in flat.values()):,}")
   name, reason = match_registry({key: tuple(v.shape) for key, v in flat.items()})
   print(f"model: {name}" if name else f"model: no registry model matches; {reason}")
+  if run_config is not None:
+    overrides = " with the overrides of its `model` section" if run_config.get("model") else ""
+    print(f"run's model: {run_config.model_name}{overrides} (config.json)")
   if zoo.POSEMB_KEY in flat:
     print(f"position embedding: {flat[zoo.POSEMB_KEY].shape[1]} tokens")
   if "head/kernel" in flat:
     print(f"classes: {flat['head/kernel'].shape[-1]}")
+  if found := zoo.non_finite(params):
+    shown = ", ".join(f"{key} ({count})" for key, count, _ in found[:_NON_FINITE_SHOWN])
+    more = f" and {len(found) - _NON_FINITE_SHOWN} more" if len(found) > _NON_FINITE_SHOWN else ""
+    print(f"non-finite values (NaN or infinity) in {len(found)} tensor(s): {shown}{more}; infer, evaluate and "
+          "fine-tuning refuse this file")
 
 
 def main(args):
-  if len(args) != 1:
-    raise UserError("usage: python -m vit_jax.tools.inspect FILE.npz")
-  inspect(args[0])
+  paths = ([FLAGS.checkpoint] if FLAGS.checkpoint else []) + list(args)
+  if len(paths) != 1:
+    raise UserError(f"give one checkpoint, not {len(paths)}: python -m vit_jax.tools.inspect FILE.npz|WORKDIR "
+                    "(or --checkpoint=...)")
+  inspect(paths[0])
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main, arguments=True)

@@ -9,7 +9,8 @@ Where the architecture comes from:
 - a `.npz` with `--model_name`: the registry entry, with the class count and representation size of the file;
 - a bare `.npz`: read off the parameter shapes (width, depth, heads, MLP, patch, ResNet stem). Only `gap` and
   `unpooled` cannot be told apart by shapes; a file without a class token is taken to be `gap`.
-Any parameter whose shape differs from what that model expects is a UserError naming it.
+Any parameter whose shape differs from what that model expects, or that holds NaN or infinity, is a UserError
+naming it.
 """
 import dataclasses
 import os
@@ -162,8 +163,8 @@ def read_labels_file(path, num_classes):
   return tuple(names)
 
 
-def _read_checkpoint(checkpoint_path):
-  """(params, the run's config or None) of a workdir (config.json + model.npz) or a zoo `.npz`."""
+def resolve(checkpoint_path):
+  """(the .npz file, the run's config or None) of a workdir (config.json + model.npz) or a zoo `.npz`."""
   if os.path.isdir(checkpoint_path):
     # The tool genuinely reads a run's config.json here; attribute access keeps the callers short.
     run_config = ml_collections.ConfigDict(workdir.read_config(checkpoint_path))
@@ -171,10 +172,20 @@ def _read_checkpoint(checkpoint_path):
     if not os.path.exists(npz):
       raise UserError(f"workdir {checkpoint_path} has no {workdir.MODEL_FILE} yet (training writes it on "
                       "completion); wait for the run to finish or pass a .npz file")
-    return zoo.load(npz), run_config
+    return npz, run_config
   if os.path.exists(checkpoint_path) or checkpoint_path.endswith(".npz"):
-    return zoo.load(checkpoint_path), None
+    return checkpoint_path, None
   raise UserError(f"checkpoint {checkpoint_path} does not exist; pass a training workdir or a .npz file")
+
+
+def _read_checkpoint(checkpoint_path):
+  """(params, the run's config or None) of a workdir or a zoo `.npz`; parameters holding NaN or infinity are a
+  UserError (their outputs would be too)."""
+  npz, run_config = resolve(checkpoint_path)
+  params = zoo.load(npz)
+  zoo.check_finite(params, f"checkpoint {checkpoint_path}", "it is corrupt or from a run that diverged; use "
+                   "another checkpoint, or retrain (e.g. with a lower --config.base_lr)")
+  return params, run_config
 
 
 def _model_config(shapes, run_config, model_name, checkpoint_path):

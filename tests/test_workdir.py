@@ -271,3 +271,24 @@ def test_tensorboard_shows_redone_steps_once(finished, tmp_path):
   points = _tensorboard_points(workdir)
   assert all(len(values) == 1 for values in points.values()), sorted(k for k, v in points.items() if len(v) > 1)
   assert [step for tag, step in sorted(points) if tag == "train_loss"] == [2, 4, 6]
+
+
+# --- an error in the loop -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_error_after_some_steps_saves_them_first(finished, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  calls = []
+
+  def failing_evaluate(*args, **kwargs):
+    calls.append(1)
+    raise UserError("the evaluator failed")
+  monkeypatch.setattr(train.classification, "evaluate", failing_evaluate)
+  with pytest.raises(UserError, match="the evaluator failed"):
+    train.train_and_evaluate(_config(checkpoint_every=0), workdir)  # checkpoints only at the end
+  assert calls and os.listdir(os.path.join(workdir, "checkpoints")) == ["3"]  # the eval of step 3 failed
+  monkeypatch.undo()
+  train.train_and_evaluate(_config(checkpoint_every=0), workdir)
+  train_losses = lambda w: [(step, loss) for step, loss, _, _ in _losses(w) if loss is not None]
+  assert train_losses(workdir) == train_losses(finished)

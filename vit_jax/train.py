@@ -160,6 +160,10 @@ def _train_record(pending, steps_run, seconds, batch, flops_per_step, peak):
   return record
 
 
+class NonFiniteError(UserError):
+  """The loss or gradient norm became NaN or infinite: the state of that step is not worth saving."""
+
+
 def _check_finite(records, first_step, manager, workdir, base_lr):
   """A UserError at the first step whose loss or gradient norm is not finite (its update made the parameters
   non-finite, so no checkpoint of it or later is saved), naming the way back."""
@@ -174,7 +178,22 @@ def _check_finite(records, first_step, manager, workdir, base_lr):
         kept = (f"the last good checkpoint (step {last}) stays in {workdir}: rerun the same command there with e.g. "
                 f"--config.base_lr={base_lr / 10:g}, a larger --config.warmup_steps or --config.grad_norm_clip=1 "
                 f"(these may change on resume)")
-      raise UserError(f"{bad[0]} is {record[bad[0]]} at step {first_step + offset}; {kept}")
+      raise NonFiniteError(f"{bad[0]} is {record[bad[0]]} at step {first_step + offset}; {kept}")
+
+
+def _save_after_error(manager, step, state, position, pending, written):
+  """Saves step `step` when the loop dies of an error that left a good state (an evaluator failing, a metrics
+  write), so the steps since the last checkpoint are not lost; a failure here is logged, the error raised."""
+  try:
+    pending = [{k: float(v) for k, v in record.items()} for record in jax.device_get(pending)]
+    if not all(np.isfinite(record[key]) for record in pending for key in ("train_loss", "grad_norm")):
+      return
+    workdir_lib.save_checkpoint(manager, step, state, {"data": position, "pending_metrics": pending,
+                                                       "records": written})
+    manager.wait_until_finished()
+    logging.warning("Saved a checkpoint of step %d before stopping on the error below.", step)
+  except Exception as e:  # pylint: disable=broad-except  # the original error is the one to report
+    logging.warning("Could not save a checkpoint of step %d after an error: %s", step, e)
 
 
 def _state_bytes(abstract_state):
@@ -280,53 +299,63 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
     fewshot_eval = fewshot_evaluator(config)
     step = int(state.step)
     eval_metrics = {}
-    with tqdm.tqdm(total=config.total_steps, initial=step, unit="step", disable=jax.process_index() != 0,
-                   dynamic_ncols=True) as bar:
-      last_time, last_step = time.perf_counter(), step
-      while step < config.total_steps:
-        if crop_at(config, step) != crop:  # progressive resizing: the next resolution stage begins
-          crop = crop_at(config, step)
-          logging.info("Step %d: image size %s from now on; resampling position embeddings.", step, crop)
-          state = resize_position_embeddings(state, model_config, crop)
-          train_iter.close()
-          train_iter = train_iterator(config, crop, mesh)
-        state, metrics = train_step(state, next(train_iter))
-        stop.enter_loop()  # from the first step on, a signal asks for a checkpoint of it instead of exiting
-        step += 1
-        pending.append(metrics)
-        bar.update(1)
-        final = step == config.total_steps
-        stopping = _any_process(stop.requested is not None)  # once per step: the watcher may set it at any moment
-        log, save = _due(step, config.progress_every) or final, _due(step, config.checkpoint_every) or final
-        if log or save or stopping:
-          pending = [{k: float(v) for k, v in record.items()} for record in jax.device_get(pending)]
-          _check_finite(pending, step - len(pending) + 1, manager, workdir, config.base_lr)
-        periodic = {}  # evaluations due at this step; skipped when stopping early, to save within the grace period
-        if eval_step is not None and (_due(step, config.eval_every) or final) and (final or not stopping):
-          result = classification.evaluate(eval_step, state.params, eval_iterator(config, crop, mesh))
-          eval_metrics = {"test_loss": result["loss"], "test_accuracy": result["accuracy"]}
-          periodic.update(eval_metrics)
-        if fewshot_eval and (_due(step, config.fewshot.every) or final) and (final or not stopping):
-          periodic.update(fewshot_eval(state.params, model))
-        if log:
-          now = time.perf_counter()
-          record = _train_record(pending, step - last_step, now - last_time, config.batch,
-                                 config.batch * flops_per_image(crop), peak)
-          pending = []
-          record.update(periodic)
-          written.append(writer.write(step, record))
-          bar.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "img_per_sec", "test_accuracy")
-                           if k in record})
-          logging.info("step %d: %s", step, record)
-          last_time, last_step = time.perf_counter(), step
-        elif periodic:
-          written.append(writer.write(step, periodic))
-        if save or stopping:
-          workdir_lib.save_checkpoint(manager, step, state, {"data": train_iter.get_state(),
-                                                            "pending_metrics": pending, "records": written})
-          written = []
-        if stopping:
-          break
+    saved_step = position = None
+    try:
+      with tqdm.tqdm(total=config.total_steps, initial=step, unit="step", disable=jax.process_index() != 0,
+                     dynamic_ncols=True) as bar:
+        last_time, last_step = time.perf_counter(), step
+        while step < config.total_steps:
+          if crop_at(config, step) != crop:  # progressive resizing: the next resolution stage begins
+            crop = crop_at(config, step)
+            logging.info("Step %d: image size %s from now on; resampling position embeddings.", step, crop)
+            state = resize_position_embeddings(state, model_config, crop)
+            train_iter.close()
+            train_iter = train_iterator(config, crop, mesh)
+          state, metrics = train_step(state, next(train_iter))
+          position = train_iter.get_state()  # the data position that goes with this state
+          stop.enter_loop()  # from the first step on, a signal asks for a checkpoint of it instead of exiting
+          step += 1
+          pending.append(metrics)
+          bar.update(1)
+          final = step == config.total_steps
+          # Read once per step: the watcher thread may set it at any moment.
+          stopping = _any_process(stop.requested is not None)
+          log, save = _due(step, config.progress_every) or final, _due(step, config.checkpoint_every) or final
+          if log or save or stopping:
+            pending = [{k: float(v) for k, v in record.items()} for record in jax.device_get(pending)]
+            _check_finite(pending, step - len(pending) + 1, manager, workdir, config.base_lr)
+          periodic = {}  # evaluations due at this step; skipped when stopping early, to save within the grace period
+          if eval_step is not None and (_due(step, config.eval_every) or final) and (final or not stopping):
+            result = classification.evaluate(eval_step, state.params, eval_iterator(config, crop, mesh))
+            eval_metrics = {"test_loss": result["loss"], "test_accuracy": result["accuracy"]}
+            periodic.update(eval_metrics)
+          if fewshot_eval and (_due(step, config.fewshot.every) or final) and (final or not stopping):
+            periodic.update(fewshot_eval(state.params, model))
+          if log:
+            now = time.perf_counter()
+            record = _train_record(pending, step - last_step, now - last_time, config.batch,
+                                   config.batch * flops_per_image(crop), peak)
+            pending = []
+            record.update(periodic)
+            written.append(writer.write(step, record))
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "img_per_sec", "test_accuracy")
+                             if k in record})
+            logging.info("step %d: %s", step, record)
+            last_time, last_step = time.perf_counter(), step
+          elif periodic:
+            written.append(writer.write(step, periodic))
+          if save or stopping:
+            workdir_lib.save_checkpoint(manager, step, state, {"data": position, "pending_metrics": pending,
+                                                              "records": written})
+            written, saved_step = [], step
+          if stopping:
+            break
+    except Exception as e:  # pylint: disable=broad-except  # re-raised; first the steps since the last save
+      # Single-process only: a save is collective, and the other processes may not have failed.
+      if not isinstance(e, NonFiniteError) and position is not None and step != saved_step and \
+          jax.process_count() == 1:
+        _save_after_error(manager, step, state, position, pending, written)
+      raise
   finally:  # also on errors: in-flight checkpoints complete, files close
     if train_iter is not None:
       train_iter.close()

@@ -15,3 +15,17 @@ run() {
   # shellcheck disable=SC2154  # dry_run is the caller's
   if $dry_run; then print_command "$@"; else "$@"; fi
 }
+
+# The interpreter to run: $PYTHON, else the repository's own .venv (which `make train` and `make test` create),
+# else python3.
+default_python() {
+  local venv
+  venv="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python"
+  if [[ -n ${PYTHON:-} ]]; then
+    echo "$PYTHON"
+  elif [[ -x $venv ]]; then
+    echo "$venv"
+  else
+    echo python3
+  fi
+}

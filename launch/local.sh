@@ -7,8 +7,10 @@
 #
 # Process i gets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, which vit_jax.distributed.initialize
 # reads (equivalent to --coordinator_address/--num_processes/--process_id). Process 0 writes to this terminal,
-# process i > 0 to LOG_DIR/process_i.log. When one process fails the others are stopped; the exit status is
-# that of the first failure.
+# process i > 0 to LOG_DIR/process_i.log. SIGINT and SIGTERM (SIGHUP as SIGTERM) go to every process, and the
+# script waits for them: the trainer saves a checkpoint, then exits with 130 after SIGINT, 0 after SIGTERM. When
+# one process fails the others get SIGTERM and are waited for too. The exit status is that of the first process
+# that failed, else 0.
 set -euo pipefail
 # shellcheck source=launch/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -22,7 +24,7 @@ usage: launch/local.sh N [options] [--] [ARGS...]
   --module=M                 python module to run (default vit_jax.main); ARGS are passed to it
   --log_dir=DIR              logs of processes 1..N-1 (default: a new temporary directory)
   --dry-run                  print the commands, run nothing
-environment: PYTHON (default python3)
+environment: PYTHON (default: this repository's .venv/bin/python if there is one, else python3)
 EOF
   exit 2
 }
@@ -52,7 +54,7 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 [[ $devices_per_process =~ ^[1-9][0-9]*$ ]] || { echo "error: --devices_per_process must be a positive integer" >&2; exit 2; }
-python=${PYTHON:-python3}
+python=$(default_python)
 
 if [[ -z $port ]]; then
   if $dry_run; then
@@ -89,41 +91,62 @@ fi
 
 mkdir -p "$log_dir"
 pids=()
-stop_all() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+declare -A index_of  # running pid -> process index
+stopping=false
+forward() {  # sends signal $1 to every running process; from now on their exits are waited for, not stopped
+  stopping=true
+  local pid
+  for pid in "${!index_of[@]}"; do kill -s "$1" "$pid" 2>/dev/null || true; done
 }
-trap 'stop_all; exit 130' INT TERM
+trap 'forward INT' INT
+trap 'forward TERM' TERM HUP
 
+# Job control while starting them gives each process a process group of its own: a Ctrl-C in the terminal reaches
+# this script alone, which forwards it once (a second one is the trainer's "exit now"), and the processes do not
+# inherit the SIGINT that a script's background jobs otherwise ignore.
+set -m
 for ((i = 0; i < num_processes; i++)); do
   command_of "$i"
   if ((i > 0)); then "${cmd[@]}" > "$log_dir/process_$i.log" 2>&1 & else "${cmd[@]}" & fi
   pids+=("$!")
+  index_of[$!]=$i
 done
+set +m
 if ((num_processes > 1)); then echo "local.sh: logs of processes 1..$((num_processes - 1)) in $log_dir" >&2; fi
 
-declare -A index_of  # running pid -> process index
-for ((i = 0; i < num_processes; i++)); do index_of[${pids[$i]}]=$i; done
+# Polls rather than `wait -n`, which misses a process that ended before it was called.
 status=0
 while ((${#index_of[@]} > 0)); do
-  finished=""
-  if wait -n -p finished "${!index_of[@]}"; then unset "index_of[$finished]"; continue; else status=$?; fi
-  i=${index_of[$finished]}
-  unset "index_of[$finished]"
-  if ((i > 0)); then
-    # A bad config fails every process at once: give process 0 a moment, so its error line (on this terminal)
-    # is the one reported, not a copy from the logs.
-    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "${pids[0]}" 2>/dev/null || break; sleep 0.5; done
-    if ! kill -0 "${pids[0]}" 2>/dev/null && [[ -n ${index_of[${pids[0]}]:-} ]]; then
-      unset "index_of[${pids[0]}]"
-      if wait "${pids[0]}"; then :; else status=$?; i=0; fi
+  exited=()
+  for pid in "${!index_of[@]}"; do kill -0 "$pid" 2>/dev/null || exited+=("$pid"); done
+  if ((${#exited[@]} == 0)); then sleep 0.2; continue; fi
+  for pid in "${exited[@]}"; do
+    [[ -n ${index_of[$pid]:-} ]] || continue  # already collected below, as process 0
+    code=0
+    wait "$pid" || code=$?
+    i=${index_of[$pid]}
+    unset "index_of[$pid]"
+    if ((code == 0 || status != 0)); then continue; fi
+    status=$code
+    if $stopping; then continue; fi
+    pid0=${pids[0]}
+    if ((i > 0)) && [[ -n ${index_of[$pid0]:-} ]]; then
+      # A bad config fails every process at once: give process 0 a moment, so its error line (on this terminal)
+      # is the one reported, not a copy from the logs.
+      for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid0" 2>/dev/null || break; sleep 0.5; done
+      if ! kill -0 "$pid0" 2>/dev/null; then
+        code=0
+        wait "$pid0" || code=$?
+        unset "index_of[$pid0]"
+        if ((code != 0)); then status=$code; i=0; fi
+      fi
     fi
-  fi
-  if ((i > 0)); then
-    echo "local.sh: process $i exited with status $status; last lines of $log_dir/process_$i.log:" >&2
-    tail -n 5 "$log_dir/process_$i.log" >&2
-  fi
-  stop_all
-  wait || true
-  break
+    if ((i > 0)); then
+      echo "local.sh: process $i exited with status $status; last lines of $log_dir/process_$i.log:" >&2
+      tail -n 5 "$log_dir/process_$i.log" >&2
+    fi
+    # The others save a checkpoint if they still can; those waiting for a lost peer stop within their heartbeat.
+    forward TERM
+  done
 done
 exit "$status"

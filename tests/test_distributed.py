@@ -3,8 +3,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import portpicker
 import pytest
@@ -76,6 +78,7 @@ def test_missing_processes_end_with_one_error_line():
     (dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=2), "outside 0..1"),
     (dict(coordinator_address="10.0.0.1:1234", num_processes=0, process_id=0), "at least 1"),
     (dict(coordinator_address="10.0.0.1:1234", num_processes="two", process_id=0), "not an integer"),
+    (dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=0, heartbeat_s=0), "heartbeat 0s"),
 ])
 def test_inconsistent_arguments_are_user_errors(kwargs, message, monkeypatch):
   for var in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
@@ -89,6 +92,32 @@ def test_single_process_runs_stay_unchanged(monkeypatch):
     monkeypatch.delenv(var, raising=False)
   assert not distributed.initialize()  # no flags, no cluster: nothing started
   assert not distributed.initialize("127.0.0.1:1234", num_processes=1, process_id=0)
+
+
+class _FakeState:
+  """What `_PeerWatch` reads of JAX's distributed state: process 0 of 3."""
+  client = object()
+  process_id, num_processes, coordinator_address = 0, 3, "10.0.0.1:1234"
+
+
+def test_peer_watch_names_the_silent_peers_by_this_process_clock():
+  watch = distributed._PeerWatch(_FakeState(), heartbeat_s=10)  # pylint: disable=protected-access
+  start = time.monotonic()
+  beats = lambda one, two: [("vit_jax/heartbeat/0", "9 a"), ("vit_jax/heartbeat/1", one), ("vit_jax/heartbeat/2", two)]
+  watch.observe(beats("1 host-b", "1 host-c"), start)
+  watch.observe(beats("2 host-b", "1 host-c"), start + 8)  # process 2's beat stays the same
+  assert watch.silent_peers(10, start + 9) == []
+  assert watch.silent_peers(10, start + 11) == [2]
+  assert watch.silent_peers(10, start + 19) == [1, 2]
+  assert watch._name([1, 2]) == "processes 1 (on host-b), 2 (on host-c)"  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("heartbeat_s", [1, 5, 60, 600])
+def test_jax_heartbeat_is_the_backstop(heartbeat_s):
+  """JAX finds a dead peer at half its deadline at the earliest; by then the watch (a heartbeat and two polls)
+  has spoken."""
+  interval = distributed._poll_interval(heartbeat_s)  # pylint: disable=protected-access
+  assert distributed._jax_heartbeat_s(heartbeat_s) / 2 > heartbeat_s + 2 * interval  # pylint: disable=protected-access
 
 
 def test_cluster_detection():
@@ -184,3 +213,131 @@ def test_mesh_that_does_not_match_the_processes_is_a_user_error(tmp_path):
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "mesh sizes (mesh.data=3, mesh.fsdp=1, mesh.tensor=1) multiply to 3 but there are 8 devices" in \
       errors[0], result.stderr[-2000:]
+
+
+# --- a process that dies mid-run ----------------------------------------------------------------------------------
+
+# Joins through vit_jax.distributed with a 5 s heartbeat, then all-gathers until the test kills a process.
+_GATHER_FOREVER = """
+import time
+import numpy as np
+from vit_jax import distributed
+distributed.initialize(heartbeat_s=5, timeout_s=60)
+from jax.experimental import multihost_utils
+print("joined", flush=True)
+while True:
+  multihost_utils.process_allgather(np.zeros(1))
+  time.sleep(0.01)
+"""
+
+
+def errors_of(text):
+  return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def kill_and_time_the_survivor(procs, victim, logs, timeout=60):
+  """SIGKILLs `procs[victim]`; (seconds until the other ended, its exit status, its stderr)."""
+  procs[victim].send_signal(signal.SIGKILL)
+  start = time.monotonic()
+  survivor = 1 - victim
+  try:
+    code = procs[survivor].wait(timeout=timeout)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  with open(logs[survivor], encoding="utf-8", errors="replace") as f:
+    return time.monotonic() - start, code, f.read()
+
+
+def kill_with_children(proc):
+  """SIGKILLs a still running `proc` and (Linux) its children: local.sh's processes outlive a killed local.sh."""
+  if proc.poll() is not None:
+    return
+  try:
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children", encoding="utf-8") as f:
+      children = [int(pid) for pid in f.read().split()]
+  except OSError:
+    children = []
+  for pid in children:
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  proc.kill()
+  proc.wait()
+
+
+def wait_until(predicate, procs, timeout):
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not get that far"
+    time.sleep(0.2)
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["coordinator", "process_1"])
+def test_a_killed_process_stops_the_other_with_one_error_line(victim, tmp_path):
+  """Process 1 killed: the survivor's watch misses its beats. Process 0 (the coordinator) killed: JAX aborts the
+  survivor at once, and the abort hook says why instead of the C++ check failure."""
+  (tmp_path / "gather_forever.py").write_text(_GATHER_FOREVER)
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  procs = []
+  for i in range(2):
+    env = process_env(devices=1, PYTHONPATH=str(tmp_path), JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                      JAX_PROCESS_ID=str(i))
+    with open(logs[i], "w", encoding="utf-8") as log:
+      procs.append(subprocess.Popen([sys.executable, "-m", "gather_forever"], cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT))
+  wait_until(lambda: all("joined" in log.read_text(errors="replace") for log in logs), procs, timeout=120)
+  seconds, code, output = kill_and_time_the_survivor(procs, victim, logs)
+  lost = "lost process 0, the coordinator at " + address if victim == 0 else "lost process 1 (on "
+  assert code == 2 and len(errors_of(output)) == 1 and lost in errors_of(output)[0], output[-3000:]
+  assert seconds < (15 if victim == 1 else 10)  # 5 s heartbeat (and two polls); a lost coordinator at once
+
+
+def test_killing_a_process_mid_training_stops_the_survivor_within_its_heartbeat(tmp_path):
+  """kill -9 of process 1 while both train: process 0 ends within seconds, exit status 2, one line naming it."""
+  workdir = tmp_path / "workdir"
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  flags = [*TRAIN_FLAGS, "--config.total_steps=100000", "--config.eval_every=1000", "--config.checkpoint_every=1000",
+           f"--workdir={workdir}", f"--coordinator_address={address}", "--num_processes=2",
+           "--distributed_heartbeat_s=5"]
+  procs = []
+  for i in range(2):
+    with open(logs[i], "w", encoding="utf-8") as log:
+      procs.append(subprocess.Popen([sys.executable, "-m", "vit_jax.main", *flags, f"--process_id={i}"], cwd=ROOT,
+                                    env=process_env(), stdout=log, stderr=subprocess.STDOUT))
+  metrics = workdir / "metrics.jsonl"
+  wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, procs, timeout=300)
+  seconds, code, output = kill_and_time_the_survivor(procs, 1, logs)
+  errors = errors_of(output)
+  assert code == 2 and len(errors) == 1, output[-3000:]
+  assert errors[0].startswith("error: process 0: lost process 1 (on ") and "no heartbeat for 5s" in errors[0]
+  assert seconds < 30  # the heartbeat and two polls, with room for a busy machine
+
+
+def test_sigterm_to_local_sh_checkpoints_every_process_and_exits_0(tmp_path):
+  """local.sh forwards SIGTERM; each process (whose SIGTERM JAX's preemption service must not take) saves the same
+  step and exits 0; local.sh waits for them and exits 0."""
+  workdir = tmp_path / "workdir"
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  env.update(PYTHON=sys.executable, XLA_FLAGS=xla_flags.FAST_COMPILE)
+  launcher = subprocess.Popen(
+      ["bash", "launch/local.sh", "2", f"--log_dir={tmp_path / 'logs'}", "--", *TRAIN_FLAGS, f"--workdir={workdir}",
+       "--config.total_steps=100000", "--config.eval_every=1000", "--config.checkpoint_every=1000"],
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  try:
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, [launcher], timeout=300)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+  finally:
+    kill_with_children(launcher)
+  assert launcher.returncode == 0, stderr[-3000:]
+  steps = os.listdir(workdir / "checkpoints")
+  assert len(steps) == 1 and not errors_of(stderr)
+  for log in (stderr, (tmp_path / "logs" / "process_1.log").read_text()):
+    assert f"Stopped at step {steps[0]} after a signal" in log

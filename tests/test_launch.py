@@ -1,14 +1,17 @@
 """launch/: syntax and shellcheck, the exact --dry-run commands, usage errors, and a real local.sh run."""
 import glob
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
-from tests.test_distributed import reported
+from tests.test_distributed import kill_with_children, reported
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh")) + [os.path.join(ROOT, "launch", "slurm_gpu.sbatch")])
@@ -83,6 +86,75 @@ def test_local_dry_run():
   result = launch("local.sh", "2", "--dry-run",
                   env=environ | {"PYTHON": "python3", "XLA_FLAGS": "--xla_dump_to=/tmp/d"})
   assert "'XLA_FLAGS=--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=4'" in result.stdout
+
+
+def test_local_defaults_to_the_repository_venv(tmp_path):
+  """Without PYTHON, local.sh runs the .venv of the repository it belongs to (`make install` creates it)."""
+  repo = tmp_path / "repo"
+  shutil.copytree(os.path.join(ROOT, "launch"), repo / "launch")
+  environ = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+
+  def interpreter(**env):
+    result = subprocess.run(["bash", str(repo / "launch" / "local.sh"), "1", "--port=1234", "--dry-run"], cwd=ROOT,
+                            capture_output=True, text=True, env=environ | env, check=True, timeout=60)
+    return result.stdout.split(" -m vit_jax.main")[0].rsplit(" ", 1)[-1]
+
+  assert interpreter() == "python3"  # no .venv
+  venv_python = repo / ".venv" / "bin" / "python"
+  venv_python.parent.mkdir(parents=True)
+  venv_python.write_text("#!/bin/sh\n")
+  venv_python.chmod(0o755)
+  assert interpreter() == str(venv_python)
+  assert interpreter(PYTHON="/opt/py/bin/python3") == "/opt/py/bin/python3"  # PYTHON still wins
+
+
+# Stands in for the trainer in local.sh's signal tests: it reports that it runs, then on SIGTERM or SIGINT
+# "saves a checkpoint" for 1 s and exits 0 or 130, as vit_jax.main does.
+_FAKE_TRAINER = """
+import json, os, signal, sys, time
+out = os.path.join(os.environ["FAKE_DIR"], os.environ["JAX_PROCESS_ID"])
+received = []
+sigint_ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+for signum in (signal.SIGTERM, signal.SIGINT):
+  if signal.getsignal(signum) != signal.SIG_IGN:  # as the trainer does, an inherited "ignore" stays
+    signal.signal(signum, lambda signum, frame: received.append(signum))
+with open(out + ".ready", "w") as f:
+  json.dump({"pid": os.getpid(), "sigint_ignored": sigint_ignored}, f)
+while not received:
+  time.sleep(0.05)
+time.sleep(1)
+with open(out + ".done", "w") as f:
+  json.dump(received, f)
+sys.exit(130 if received[0] == signal.SIGINT else 0)
+"""
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_local_forwards_a_signal_once_and_waits_for_the_processes(signum, code, tmp_path):
+  (tmp_path / "fake_trainer.py").write_text(_FAKE_TRAINER)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  env.update(PYTHON=sys.executable, PYTHONPATH=str(tmp_path), FAKE_DIR=str(tmp_path))
+  launcher = subprocess.Popen(["bash", os.path.join("launch", "local.sh"), "2", "--module=fake_trainer",
+                               f"--log_dir={tmp_path / 'logs'}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"{i}.ready").exists() for i in range(2)):
+      assert time.monotonic() < deadline and launcher.poll() is None, "the processes did not start"
+      time.sleep(0.05)
+    sent = time.monotonic()
+    launcher.send_signal(signum)
+    _, stderr = launcher.communicate(timeout=30)
+  finally:
+    kill_with_children(launcher)
+  assert launcher.returncode == code, stderr
+  assert time.monotonic() - sent >= 1  # it waited for the 1 s "checkpoint"
+  for i in range(2):
+    ready = json.loads((tmp_path / f"{i}.ready").read_text())
+    assert not ready["sigint_ignored"]  # not inherited as a background job's "ignore"
+    assert json.loads((tmp_path / f"{i}.done").read_text()) == [signum]  # exactly once
+    with pytest.raises(ProcessLookupError):
+      os.kill(ready["pid"], 0)  # ended, and reaped by local.sh
 
 
 def test_tpu_vm_dry_run():

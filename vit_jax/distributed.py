@@ -13,11 +13,24 @@ one global mesh spans them all. Where the process layout comes from, first match
 A run whose processes never all meet would otherwise hang or die in XLA with a C++ check failure; here it ends
 after `timeout_s` with exit status 2 and one `error:` line naming the coordinator and what to check.
 
+A process that dies mid-run (killed, crashed, its host lost) would leave the others blocked in a collective until
+JAX's coordination service aborts them with a C++ check failure. Here each process beats through the service's
+key-value store and watches the others' beats (`_PeerWatch`): once a peer is silent for `heartbeat_s` seconds,
+every survivor ends with exit status 2 and one `error:` line naming it. JAX's own heartbeat deadline is set later,
+as a backstop. When JAX aborts first anyway (the coordinator, process 0, died: the others learn that at once), a
+SIGABRT hook prints the same kind of line, naming process 0, after JAX's log line. JAX's preemption service is
+turned off: it would take SIGTERM from Python's handler, with which the trainer checkpoints and stops
+(`jax.experimental.multihost_utils.reached_preemption_sync_point` is therefore unavailable).
+
 `python -m vit_jax.tools.check_distributed [flags]` joins, runs a cross-process all-reduce and all-gather, and
 prints what each process sees: a smoke test for a new cluster, e.g.
 `launch/local.sh 2 --module=vit_jax.tools.check_distributed`.
 """
+import atexit
+import ctypes
+import math
 import os
+import signal
 import socket
 import sys
 import threading
@@ -33,8 +46,14 @@ ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 DEFAULT_TIMEOUT_S = 300
+# A lost peer stops the others within about a minute, yet a live process would need a minute without one beat
+# (from a thread that needs the GIL for microseconds per poll) to be taken for dead.
+DEFAULT_HEARTBEAT_S = 60
 # XLA's own deadline: later than ours, so that our message (not its check failure) is what a user sees.
 _XLA_TIMEOUT_MARGIN_S = 30
+_BEAT_PREFIX = "vit_jax/heartbeat/"  # key-value store directory of the beats, one key per process
+_DIED = "it was killed, crashed or lost its host (its log may say which)"
+_STOPPING = "stopping; rerun the same command to resume from the last checkpoint"
 
 
 def _int_or_none(value, name):
@@ -105,6 +124,26 @@ def _check_port_free(port):
                       "port in --coordinator_address") from None
 
 
+def _exit_with_error(message, linger_s=0.0, mid_run=False):
+  """Ends the process from any thread: what stdout and stderr hold, then the `error:` line, then exit status 2.
+
+  `mid_run`: a progress bar may have left the cursor mid-line, so the line starts on a new one.
+  """
+  def flush():
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except (AttributeError, OSError, ValueError):
+        pass
+  # In a thread of its own: a main thread blocked writing to a full pipe holds the stream's lock.
+  flusher = threading.Thread(target=flush, daemon=True)
+  flusher.start()
+  flusher.join(1.0)
+  os.write(2, f"{chr(10) if mid_run else ''}error: {message}\n".encode(errors="replace"))
+  time.sleep(linger_s)
+  os._exit(2)  # pylint: disable=protected-access
+
+
 def _fail_after(timeout_s, message):
   """A started timer that ends the process with `message` as the `error:` line and exit status 2.
 
@@ -112,13 +151,174 @@ def _fail_after(timeout_s, message):
   check failure when its own deadline passes; nothing Python can catch. The wait releases the GIL, so this
   thread gets to say what went wrong first.
   """
-  def fire():
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    os._exit(2)  # pylint: disable=protected-access
-  timer = threading.Timer(timeout_s, fire)
+  timer = threading.Timer(timeout_s, _exit_with_error, (message,))
   timer.daemon = True
   timer.start()
   return timer
+
+
+def _poll_interval(heartbeat_s):
+  # Ten polls per heartbeat bound the detection delay to 1.2 heartbeats; 5 s at most keeps a long heartbeat prompt.
+  return min(max(heartbeat_s / 10, 0.1), 5.0)
+
+
+def _jax_heartbeat_s(heartbeat_s):
+  """JAX's heartbeat deadline for ours: JAX finds a dead peer between half and all of its deadline after the death,
+  ours within `heartbeat_s` and two polls, so twice that (and a margin) lets ours speak first."""
+  return int(math.ceil(2 * (heartbeat_s + 2 * _poll_interval(heartbeat_s)))) + _XLA_TIMEOUT_MARGIN_S
+
+
+class _PeerWatch:
+  """Beats for this process and watches the others' beats through the coordination service's key-value store.
+
+  Each poll writes this process's counter (and host name) and reads everyone's. A peer whose beat has not changed
+  for `heartbeat_s` seconds of this process's clock (no clock skew between hosts) ends this process with one
+  `error:` line naming it, as does a coordinator this process cannot reach for as long. A daemon thread: the main
+  thread blocked in a collective releases the GIL. It keeps watching while the process exits (JAX's shutdown
+  barrier waits for every peer too) and stops quietly once the exit has begun and the service is gone.
+  """
+
+  def __init__(self, state, heartbeat_s):
+    self._state = state  # JAX's distributed state, whose client jax.distributed.shutdown() clears
+    self._client = state.client
+    self.process_id, self.num_processes = state.process_id, state.num_processes
+    self.coordinator_address = state.coordinator_address
+    self.heartbeat_s = heartbeat_s
+    self.interval = _poll_interval(heartbeat_s)
+    now = time.monotonic()
+    self._changed = {p: now for p in range(self.num_processes) if p != self.process_id}  # peer -> last beat change
+    self._beats = {}  # peer -> its last beat, "counter host"
+    self._reached = now  # when a poll last reached the coordinator
+    self._exiting = False
+
+  def start(self):
+    # Registered after JAX's own exit handler (at `import jax`), so it runs first: JAX's shutdown may fail our polls.
+    atexit.register(self._at_exit)
+    threading.Thread(target=self._run, name="vit_jax-peer-watch", daemon=True).start()
+
+  def _at_exit(self):
+    self._exiting = True
+
+  def _run(self):
+    key, host, beat = f"{_BEAT_PREFIX}{self.process_id}", socket.gethostname(), 0
+    while True:
+      beat += 1
+      try:
+        self._client.key_value_set(key, f"{beat} {host}", allow_overwrite=True)
+        beats = self._client.key_value_dir_get(_BEAT_PREFIX)
+      except Exception:  # pylint: disable=broad-except  # jaxlib's own runtime error for a failed call
+        if self._exiting or self._state.client is not self._client:  # exiting, or jax.distributed.shutdown()
+          return
+        if time.monotonic() - self._reached > self.heartbeat_s:
+          self._fail(self._lost_coordinator(f"unreachable for {self.heartbeat_s:g}s"))
+      else:
+        now = self._reached = time.monotonic()
+        self.observe(beats, now)
+        lost = self.silent_peers(self.heartbeat_s, now)
+        if lost:
+          self._fail(f"process {self.process_id}: lost {self._name(lost)}: no heartbeat for {self.heartbeat_s:g}s; "
+                     f"{_DIED}; {_STOPPING}")
+      time.sleep(self.interval)
+
+  def observe(self, beats, now):
+    """Takes in the (key, value) pairs of one read of the beat directory, read at `now` (time.monotonic())."""
+    for key, value in beats:
+      try:
+        peer = int(key.rsplit("/", 1)[-1])
+      except ValueError:
+        continue
+      if peer in self._changed and self._beats.get(peer) != value:
+        self._beats[peer], self._changed[peer] = value, now
+
+  def silent_peers(self, seconds, now=None):
+    """The peers whose beat has not changed for more than `seconds`, in order."""
+    now = time.monotonic() if now is None else now
+    return sorted(peer for peer, changed in self._changed.items() if now - changed > seconds)
+
+  def _name(self, peers):
+    def one(peer):
+      beat = self._beats.get(peer, "").split(" ", 1)
+      return f"{peer} (on {beat[1]})" if len(beat) == 2 else str(peer)
+    return f"process{'es' if len(peers) > 1 else ''} {', '.join(one(p) for p in peers)}"
+
+  def _lost_coordinator(self, how):
+    return (f"process {self.process_id}: lost process 0, the coordinator at {self.coordinator_address}: {how}; "
+            f"{_DIED}, or the network failed; {_STOPPING}")
+
+  def _fail(self, message):
+    # Process 0 serves the coordination service: with more than one survivor it waits two polls before taking the
+    # service down, so that the others find the lost peer themselves instead of blaming process 0.
+    linger = 2 * self.interval + 0.5 if self.process_id == 0 and self.num_processes > 2 else 0.0
+    _exit_with_error(message, linger, mid_run=True)
+
+  def explain_abort(self):
+    """The `error:` message for an abort by JAX's runtime, or None when nothing says a peer was lost."""
+    if self.process_id != 0 and self.coordinator_address:
+      try:
+        host, port = parse_address(self.coordinator_address)
+      except UserError:
+        host = None
+      if host and not _wait_until_reachable(host, port, time.monotonic() + 1.0):
+        return self._lost_coordinator("it stopped answering")
+    lost = self.silent_peers(3 * self.interval)
+    if lost:
+      return f"process {self.process_id}: lost {self._name(lost)}: no heartbeat; {_DIED}; {_STOPPING}"
+    return None
+
+
+_abort_handler = None  # the installed C callback: a module global, so that it is never garbage collected
+
+
+def _explain_aborts(watch):
+  """Turns an abort by JAX's distributed runtime into `watch`'s `error:` line and exit status 2.
+
+  JAX ends a process with a C++ check failure (SIGABRT) when its coordination service reports a failed peer, and
+  at once when the coordinator vanishes, before the watcher's next poll. Its Python hook for this
+  (`missed_heartbeat_callback`) cannot be used: jaxlib cannot hand the status to Python and terminates. So a
+  C-level SIGABRT handler asks `watch` whether a peer was lost: if so it prints the line and exits 2; if not it
+  hands the abort on (to faulthandler's dump, then the default action), so that other check failures still crash.
+  """
+  global _abort_handler
+  try:
+    libc = ctypes.CDLL(None)
+    signal_fn = libc.signal
+  except (OSError, AttributeError):  # no C library to ask: JAX's own abort stays
+    return
+  handler_type = ctypes.CFUNCTYPE(None, ctypes.c_int)
+  signal_fn.restype = ctypes.c_void_p
+  signal_fn.argtypes = (ctypes.c_int, ctypes.c_void_p)
+  previous = None
+
+  def on_abort(signum):
+    message = watch.explain_abort()
+    if message is not None:
+      _exit_with_error(message, mid_run=True)
+    signal_fn(signum, previous)  # a repeated abort goes straight to the previous handler
+    if previous not in (None, 0, 1):  # a handler, not SIG_DFL or SIG_IGN
+      handler_type(previous)(signum)
+    # Returning lets abort() raise SIGABRT again, now with the default action.
+
+  _abort_handler = handler_type(on_abort)
+  previous = signal_fn(signal.SIGABRT, ctypes.cast(_abort_handler, ctypes.c_void_p))
+
+
+def _watch_peers(heartbeat_s):
+  """Starts the peer watch and the abort hook of a joined process; None when this JAX has no client to use."""
+  try:
+    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+    state = jax_distributed.global_state
+    usable = all(hasattr(state, name) for name in ("process_id", "num_processes", "coordinator_address")) and \
+        hasattr(state.client, "key_value_dir_get")
+  except (ImportError, AttributeError):
+    usable = False
+  if not usable:
+    logging.warning("This JAX offers no coordination client to watch the other processes with: a lost process "
+                    "ends this one only through JAX's own heartbeat, with a C++ check failure.")
+    return None
+  watch = _PeerWatch(state, heartbeat_s)
+  watch.start()
+  _explain_aborts(watch)
+  return watch
 
 
 def _use_gloo_on_cpu():
@@ -131,15 +331,25 @@ def _use_gloo_on_cpu():
     pass
 
 
+def _keep_sigterm_for_python():
+  # JAX's preemption service swaps Python's SIGTERM handler (the trainer's checkpoint-and-stop) for a C++ one that
+  # only notifies peers; the loop agrees on its stop step by itself (one all-gather per step), so it is not needed.
+  try:
+    jax.config.update("jax_enable_preemption_service", False)
+  except AttributeError:  # a JAX without the option
+    pass
+
+
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-               local_device_ids: Optional[Sequence[int]] = None) -> bool:
+               local_device_ids: Optional[Sequence[int]] = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> bool:
   """Joins the multi-process runtime if this run is multi-process; True if it did, False for a single process.
 
   Call it first, before any other JAX call (JAX fixes the device list at its first use). Arguments left None
   come from the `JAX_*` environment variables, then from cluster detection (module docstring). Raises
   UserError for inconsistent arguments or an unreachable coordinator; exits with status 2 and an `error:` line
-  when not all `num_processes` processes join within `timeout_s` seconds.
+  when not all `num_processes` processes join within `timeout_s` seconds, and later, once joined, when another
+  process has been silent for `heartbeat_s` seconds (module docstring).
   """
   if jax.distributed.is_initialized():
     return True
@@ -151,6 +361,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   given = [name for name, value in explicit.items() if value is not None]
   if timeout_s <= 0:
     raise UserError(f"distributed timeout {timeout_s:g}s must be positive")
+  if heartbeat_s <= 0:
+    raise UserError(f"distributed heartbeat {heartbeat_s:g}s must be positive")
 
   if given:
     missing = [name for name in explicit if name not in given]
@@ -184,6 +396,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     where = f"the {method} cluster's coordinator"
 
   _use_gloo_on_cpu()
+  _keep_sigterm_for_python()
   expected = f"all {num_processes}" if num_processes else "all"
   watchdog = _fail_after(remaining, (
       f"process {process_id if process_id is not None else '?'}: not {expected} processes joined {where} within "
@@ -193,9 +406,11 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     jax.distributed.initialize(
         coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
         local_device_ids=local_device_ids, cluster_detection_method=method,
-        initialization_timeout=int(remaining) + _XLA_TIMEOUT_MARGIN_S)
+        initialization_timeout=int(remaining) + _XLA_TIMEOUT_MARGIN_S,
+        heartbeat_timeout_seconds=_jax_heartbeat_s(heartbeat_s))
   finally:
     watchdog.cancel()
+  _watch_peers(heartbeat_s)
   logging.info("Process %d of %d joined (%s): %d local of %d global devices.", jax.process_index(),
                jax.process_count(), coordinator_address or method, jax.local_device_count(), jax.device_count())
   return True
@@ -231,3 +446,6 @@ def define_flags():
   flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
   flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes - 1.")
   flags.DEFINE_float("distributed_timeout_s", DEFAULT_TIMEOUT_S, "Seconds to wait for every process to join.")
+  flags.DEFINE_float("distributed_heartbeat_s", DEFAULT_HEARTBEAT_S,
+                     "Seconds without a heartbeat after which a process counts as lost: the others then stop with "
+                     "an error naming it.")

@@ -53,7 +53,8 @@ def _plot_curves(workdir):
 def run(argv, stop):
   # First, before anything touches a device: join the other processes of a multi-process run (no-op otherwise).
   multi_process = distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                                         flags.FLAGS.process_id, timeout_s=flags.FLAGS.distributed_timeout_s)
+                                         flags.FLAGS.process_id, timeout_s=flags.FLAGS.distributed_timeout_s,
+                                         heartbeat_s=flags.FLAGS.distributed_heartbeat_s)
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {' '.join(argv[1:])}; pass options as --flag=value")
   if not _WORKDIR.value:

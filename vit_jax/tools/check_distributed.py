@@ -16,7 +16,7 @@ FLAGS = flags.FLAGS
 
 def main():
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                         timeout_s=FLAGS.distributed_timeout_s)
+                         timeout_s=FLAGS.distributed_timeout_s, heartbeat_s=FLAGS.distributed_heartbeat_s)
   print(json.dumps(distributed.check_cross_process_collectives()), flush=True)
 
 

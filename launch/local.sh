@@ -131,9 +131,9 @@ while ((${#index_of[@]} > 0)); do
     if $stopping; then continue; fi
     pid0=${pids[0]}
     if ((i > 0)) && [[ -n ${index_of[$pid0]:-} ]]; then
-      # A bad config fails every process at once: give process 0 a moment, so its error line (on this terminal)
-      # is the one reported, not a copy from the logs.
-      for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid0" 2>/dev/null || break; sleep 0.5; done
+      # A bad config fails every process at once: give process 0 a moment (it stays up to one peer poll, 5 s,
+      # after its error so the others read it), so its error line (on this terminal) is the one reported.
+      for _ in $(seq 30); do kill -0 "$pid0" 2>/dev/null || break; sleep 0.5; done
       if ! kill -0 "$pid0" 2>/dev/null; then
         code=0
         wait "$pid0" || code=$?
@@ -145,7 +145,7 @@ while ((${#index_of[@]} > 0)); do
       echo "local.sh: process $i exited with status $status; last lines of $log_dir/process_$i.log:" >&2
       tail -n 5 "$log_dir/process_$i.log" >&2
     fi
-    # The others save a checkpoint if they still can; those waiting for a lost peer stop within their heartbeat.
+    # The others stop too: blocked in a collective with the lost process, they end within their heartbeat.
     forward TERM
   done
 done

@@ -341,3 +341,57 @@ def test_sigterm_to_local_sh_checkpoints_every_process_and_exits_0(tmp_path):
   assert len(steps) == 1 and not errors_of(stderr)
   for log in (stderr, (tmp_path / "logs" / "process_1.log").read_text()):
     assert f"Stopped at step {steps[0]} after a signal" in log
+
+
+# Process 1 stops on its own (a user error, or a signal before the loop); process 0 all-gathers with it.
+_STOP_ONE = """
+import signal, sys, time
+import numpy as np
+from vit_jax import distributed, errors, interrupts
+from vit_jax.errors import UserError
+stop = interrupts.StopSignals().install()
+distributed.initialize(heartbeat_s=30, timeout_s=60)
+from jax.experimental import multihost_utils
+import jax
+print("joined", flush=True)
+def fail():
+  raise UserError("the dataset is gone")
+if jax.process_index() == 1 and sys.argv[1] == "error":
+  errors.run_cli(fail)
+while True:
+  multihost_utils.process_allgather(np.zeros(1))
+  time.sleep(0.01)
+"""
+
+
+@pytest.mark.parametrize("how, status", [("error", 2), ("sigterm", 0)])
+def test_a_process_that_stops_early_stops_its_peers_at_once_the_same_way(how, status, tmp_path):
+  (tmp_path / "stop_one.py").write_text(_STOP_ONE)
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  procs = []
+  for i in range(2):
+    env = process_env(devices=1, PYTHONPATH=str(tmp_path), JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                      JAX_PROCESS_ID=str(i))
+    with open(logs[i], "w", encoding="utf-8") as log:
+      procs.append(subprocess.Popen([sys.executable, "-m", "stop_one", how], cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT))
+  try:
+    wait_until(lambda: all("joined" in log.read_text(errors="replace") for log in logs), procs, timeout=120)
+    start = time.monotonic()
+    if how == "sigterm":
+      procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=60) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outputs = [log.read_text(errors="replace") for log in logs]
+  assert codes == [status, status], outputs
+  assert time.monotonic() - start < 20  # far below the 30 s heartbeat: told, not timed out
+  if how == "error":
+    assert errors_of(outputs[1]) == ["error: the dataset is gone"], outputs[1][-2000:]
+    assert len(errors_of(outputs[0])) == 1 and "process 1 stopped with an error (the dataset is gone)" in \
+        errors_of(outputs[0])[0], outputs[0][-2000:]
+  else:
+    assert not errors_of(outputs[0]) and "Process 1 stopped (SIGTERM" in outputs[0], outputs[0][-2000:]

@@ -1,5 +1,6 @@
 """The workdir under faults: damaged checkpoints, a second run, a full disk, changed settings on resume, damaged
 metrics and TensorBoard points of re-done steps."""
+import errno
 import glob
 import json
 import os
@@ -112,7 +113,7 @@ def test_a_corrupt_config_json_is_an_error_saying_how_to_resume(tmp_path):
   with open(tmp_path / "config.json", "wb") as f:
     f.write(b"\xff\xfe{")
   with pytest.raises(UserError, match=r"cannot read .*config.json .*delete it to resume with the config you pass"):
-    workdir_lib.write_config(_config(), str(tmp_path), resuming=True)
+    workdir_lib.check_config(_config(), str(tmp_path))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -292,3 +293,32 @@ def test_an_error_after_some_steps_saves_them_first(finished, tmp_path, monkeypa
   train.train_and_evaluate(_config(checkpoint_every=0), workdir)
   train_losses = lambda w: [(step, loss) for step, loss, _, _ in _losses(w) if loss is not None]
   assert train_losses(workdir) == train_losses(finished)
+
+
+@pytest.mark.slow
+def test_a_failed_save_or_metrics_write_on_a_full_disk_is_one_error_keeping_what_was_saved(finished, tmp_path,
+                                                                                             monkeypatch):
+  """Without a tmpfs: the writes themselves fail with ENOSPC."""
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  original_save = workdir_lib.save_checkpoint
+  monkeypatch.setattr(workdir_lib, "save_checkpoint", lambda manager, step, *a: (
+      full() if step > 3 else original_save(manager, step, *a)))
+  workdir = str(tmp_path / "save")
+  with pytest.raises(UserError, match=r"disk full writing to .*save .*No space left on device; the older "
+                                      r"checkpoints in .*checkpoints are kept"):
+    train.train_and_evaluate(_config(), workdir)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["3"]
+  monkeypatch.undo()
+
+  original_write = MetricsWriter.write
+  monkeypatch.setattr(MetricsWriter, "write", lambda self, step, metrics: (
+      full() if step == 4 else original_write(self, step, metrics)))
+  workdir = str(tmp_path / "metrics")
+  with pytest.raises(UserError, match="disk full writing to"):
+    train.train_and_evaluate(_config(), workdir)
+  # The steps since the last checkpoint were saved after the error, their metrics pending in it.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "4"]
+  monkeypatch.undo()
+  train.train_and_evaluate(_config(), workdir)
+  assert [r["step"] for r in read_metrics(workdir) if "train_loss" in r] == [2, 6]

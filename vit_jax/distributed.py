@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import jax
 from absl import logging
 
+from vit_jax import errors
 from vit_jax.errors import UserError
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -52,6 +53,7 @@ DEFAULT_HEARTBEAT_S = 60
 # XLA's own deadline: later than ours, so that our message (not its check failure) is what a user sees.
 _XLA_TIMEOUT_MARGIN_S = 30
 _BEAT_PREFIX = "vit_jax/heartbeat/"  # key-value store directory of the beats, one key per process
+_EXIT_PREFIX = "vit_jax/exit/"  # where a process that ends early says why: "STATUS REASON", one key per process
 _DIED = "it was killed, crashed or lost its host (its log may say which)"
 _STOPPING = "stopping; rerun the same command to resume from the last checkpoint"
 
@@ -124,8 +126,9 @@ def _check_port_free(port):
                       "port in --coordinator_address") from None
 
 
-def _exit_with_error(message, linger_s=0.0, mid_run=False):
-  """Ends the process from any thread: what stdout and stderr hold, then the `error:` line, then exit status 2.
+def _exit_with_error(message, linger_s=0.0, mid_run=False, status=2):
+  """Ends the process from any thread: what stdout and stderr hold, then the `error:` line (none when `message` is
+  None), then exit `status`.
 
   `mid_run`: a progress bar may have left the cursor mid-line, so the line starts on a new one.
   """
@@ -139,9 +142,10 @@ def _exit_with_error(message, linger_s=0.0, mid_run=False):
   flusher = threading.Thread(target=flush, daemon=True)
   flusher.start()
   flusher.join(1.0)
-  os.write(2, f"{chr(10) if mid_run else ''}error: {message}\n".encode(errors="replace"))
+  if message is not None:
+    os.write(2, f"{chr(10) if mid_run else ''}error: {message}\n".encode(errors="replace"))
   time.sleep(linger_s)
-  os._exit(2)  # pylint: disable=protected-access
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def _fail_after(timeout_s, message):
@@ -206,6 +210,7 @@ class _PeerWatch:
       try:
         self._client.key_value_set(key, f"{beat} {host}", allow_overwrite=True)
         beats = self._client.key_value_dir_get(_BEAT_PREFIX)
+        exits = self._client.key_value_dir_get(_EXIT_PREFIX)
       except Exception:  # pylint: disable=broad-except  # jaxlib's own runtime error for a failed call
         if self._exiting or self._state.client is not self._client:  # exiting, or jax.distributed.shutdown()
           return
@@ -213,12 +218,38 @@ class _PeerWatch:
           self._fail(self._lost_coordinator(f"unreachable for {self.heartbeat_s:g}s"))
       else:
         now = self._reached = time.monotonic()
+        self.follow_exits(exits)
         self.observe(beats, now)
         lost = self.silent_peers(self.heartbeat_s, now)
         if lost:
           self._fail(f"process {self.process_id}: lost {self._name(lost)}: no heartbeat for {self.heartbeat_s:g}s; "
                      f"{_DIED}; {_STOPPING}")
       time.sleep(self.interval)
+
+  def announce_exit(self, status, reason):
+    """Tells the peers that this process ends with `status` (an error, or a signal before the loop), then ends it
+    at once: JAX's shutdown would wait for peers that are about to stop. Process 0 serves the key-value store, so
+    it stays one poll longer for the others to read it."""
+    self._exiting = True
+    self._client.key_value_set(f"{_EXIT_PREFIX}{self.process_id}", f"{status} {reason}", allow_overwrite=True)
+    if self.process_id == 0:
+      time.sleep(self.interval + 0.5)
+    _exit_with_error(None, status=status)
+
+  def follow_exits(self, exits):
+    """Ends this process the way a peer that announced its exit ended (`exits`: the (key, value) pairs of the exit
+    directory): exit 2 naming the peer's error, or the peer's signal status (a stop before the loop)."""
+    if errors.exiting():  # this process is ending on its own error or signal: its own line is the one to show
+      return
+    for key, value in exits:
+      peer = key.rsplit("/", 1)[-1]
+      if peer == str(self.process_id):
+        continue
+      status, _, reason = value.partition(" ")
+      if status == "2":
+        self._fail(f"process {self.process_id}: process {peer} stopped with an error ({reason}); {_STOPPING}")
+      logging.warning("Process %s stopped (%s); stopping with status %s.", peer, reason, status)
+      _exit_with_error(None, status=int(status))
 
   def observe(self, beats, now):
     """Takes in the (key, value) pairs of one read of the beat directory, read at `now` (time.monotonic())."""
@@ -260,7 +291,7 @@ class _PeerWatch:
         host = None
       if host and not _wait_until_reachable(host, port, time.monotonic() + 1.0):
         return self._lost_coordinator("it stopped answering")
-    lost = self.silent_peers(3 * self.interval)
+    lost = self.silent_peers(max(3 * self.interval, self.heartbeat_s / 2))  # not a live peer between two polls
     if lost:
       return f"process {self.process_id}: lost {self._name(lost)}: no heartbeat; {_DIED}; {_STOPPING}"
     return None
@@ -318,6 +349,7 @@ def _watch_peers(heartbeat_s):
   watch = _PeerWatch(state, heartbeat_s)
   watch.start()
   _explain_aborts(watch)
+  errors.before_exit(watch.announce_exit)
   return watch
 
 

@@ -7,6 +7,7 @@ such a line. Bugs stay ordinary exceptions with a traceback.
 """
 import os
 import sys
+import threading
 from typing import Optional
 
 # What to install for a platform JAX_PLATFORMS may name (JAX's own extras and plugins).
@@ -58,8 +59,43 @@ def backend_error(environ=os.environ) -> Optional[UserError]:
                    f"{' and '.join(installs) or 'the missing platform'}")
 
 
+# Called with (exit status, one-line reason) just before an entry point exits on an error or a signal: a
+# multi-process run tells its peers there (`vit_jax.distributed`), which would otherwise wait for this process.
+_BEFORE_EXIT = []
+
+
+_exiting = threading.Event()  # set once this process has begun to exit on an error or a signal
+
+
+def exiting():
+  """True once this process has begun to exit on an error or a signal: a peer watcher then stays silent."""
+  return _exiting.is_set()
+
+
+def mark_exiting():
+  """Says that this process has begun to exit on an error or a signal (before its last line is written)."""
+  _exiting.set()
+
+
+def before_exit(callback):
+  """Registers `callback(status, reason)`, run before an entry point exits on a user error or a signal."""
+  _BEFORE_EXIT.append(callback)
+
+
+def notify_exit(status, reason):
+  """Runs the `before_exit` callbacks; one that fails must not change how the process ends."""
+  mark_exiting()
+  for callback in _BEFORE_EXIT:
+    try:
+      callback(status, reason)
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
 def _exit(error):
+  mark_exiting()
   print(f"error: {_one_line(error)}", file=sys.stderr, flush=True)  # exactly one line
+  notify_exit(2, _one_line(error))
   sys.exit(2)
 
 

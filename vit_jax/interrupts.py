@@ -36,6 +36,8 @@ from typing import Dict, Optional
 
 from absl import logging
 
+from vit_jax import errors
+
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 128 + signal.SIGINT}
 FLUSH_TIMEOUT_S = 2.0  # an exit never waits longer for a stuck stderr pipe
@@ -67,6 +69,7 @@ def _flush_output():
 
 def _exit_now(code, message, *args):
   """Logs `message`, flushes what the process wrote, and ends it with `code` without running any Python cleanup."""
+  errors.mark_exiting()
 
   def log_and_flush():
     try:
@@ -79,6 +82,7 @@ def _exit_now(code, message, *args):
   flusher = threading.Thread(target=log_and_flush, name="stop-signals-flush", daemon=True)
   flusher.start()
   flusher.join(FLUSH_TIMEOUT_S)
+  errors.notify_exit(code, message % args)  # the peers of a multi-process run stop too, instead of waiting
   os._exit(code)  # pylint: disable=protected-access
 
 

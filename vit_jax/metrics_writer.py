@@ -14,8 +14,9 @@ from vit_jax.workdir import METRICS_FILE
 class MetricsWriter:
   """Appends one JSON object per step to `workdir/metrics.jsonl` and mirrors each scalar to TensorBoard.
 
-  `resume_step`: the checkpoint step a resumed run starts from. TensorBoard then drops the points of later steps
-  that the previous run logged before dying (a purge marker at `resume_step + 1`), so re-done steps appear once.
+  `resume_step`: the checkpoint step a resumed run starts from (0 for a fresh start). TensorBoard then drops the
+  points of later steps that a previous run logged before dying (a purge marker at `resume_step + 1`), so re-done
+  steps appear once.
   """
 
   def __init__(self, workdir, resume_step=None):
@@ -42,6 +43,8 @@ class MetricsWriter:
       try:
         record = json.loads(line)
         record_step = record["step"]
+        if not isinstance(record_step, int):
+          raise TypeError(record_step)
       except (ValueError, KeyError, TypeError):  # cut by a kill, damaged, or not UTF-8
         unreadable += 1
         continue
@@ -49,7 +52,9 @@ class MetricsWriter:
         kept.append(record)
       else:
         later += 1
-    missing = [record for record in records if record not in kept]
+    as_text = lambda record: json.dumps(record, sort_keys=True)  # NaN != NaN; its text is equal
+    present = {as_text(record) for record in kept}
+    missing = [record for record in records if as_text(record) not in present]
     if not (later or unreadable or missing):
       return
     kept = sorted(kept + missing, key=lambda record: record["step"])  # stable: a step's records keep their order

@@ -164,21 +164,31 @@ class NonFiniteError(UserError):
   """The loss or gradient norm became NaN or infinite: the state of that step is not worth saving."""
 
 
-def _check_finite(records, first_step, manager, workdir, base_lr):
-  """A UserError at the first step whose loss or gradient norm is not finite (its update made the parameters
-  non-finite, so no checkpoint of it or later is saved), naming the way back."""
+def _check_finite(records, first_step, manager, workdir, *, base_lr, grad_norm_clip):
+  """A NonFiniteError at the first step whose loss or gradient norm is not finite, naming the way back.
+
+  The loss of step k comes from the parameters of checkpoint k - 1, so resuming from that one recomputes the same
+  non-finite loss whatever the learning rate: the way back starts from an older checkpoint.
+  """
   for offset, record in enumerate(records):
     bad = [key for key in ("train_loss", "grad_norm") if not np.isfinite(record[key])]
-    if bad:
-      manager.wait_until_finished()  # the last good checkpoint must be complete before we stop
-      last = manager.latest_step()
-      if last is None:
-        kept = f"there is no checkpoint; rerun with a new --workdir and e.g. --config.base_lr={base_lr / 10:g}"
-      else:
-        kept = (f"the last good checkpoint (step {last}) stays in {workdir}: rerun the same command there with e.g. "
-                f"--config.base_lr={base_lr / 10:g}, a larger --config.warmup_steps or --config.grad_norm_clip=1 "
-                f"(these may change on resume)")
-      raise NonFiniteError(f"{bad[0]} is {record[bad[0]]} at step {first_step + offset}; {kept}")
+    if not bad:
+      continue
+    bad_step = first_step + offset
+    manager.wait_until_finished()  # the last checkpoint must be complete before we stop
+    kept = sorted(manager.all_steps())
+    usable = [s for s in kept if s < bad_step - 1]
+    changes = f"--config.base_lr={base_lr / 10:g} or a larger --config.warmup_steps" + (
+        "" if grad_norm_clip else " or --config.grad_norm_clip=1")
+    if usable:
+      later = [s for s in kept if s > usable[-1]]
+      move = (f"first move the checkpoint(s) of step {', '.join(map(str, later))} aside (they hold parameters "
+              f"that lead here: mv {workdir}/checkpoints/N {workdir}/checkpoints/N.bad), then " if later else "")
+      way = (f"{move}rerun the same command with e.g. {changes} to resume from step {usable[-1]} (these keys may "
+             "change on resume)")
+    else:
+      way = f"no checkpoint before it is kept; rerun with a new --workdir and e.g. {changes}"
+    raise NonFiniteError(f"{bad[0]} is {record[bad[0]]} at step {bad_step}; {way}")
 
 
 def _save_after_error(manager, step, state, position, pending, written):
@@ -252,7 +262,8 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
   manager = workdir_lib.checkpoint_manager(workdir, keep=config.keep_checkpoints, platform=platform)
   writer = train_iter = None  # closed in `finally`, also when setting up fails
   try:
-    workdir_lib.write_config(config, workdir, resuming=bool(manager.all_steps()))
+    if manager.all_steps():
+      workdir_lib.check_config(config, workdir)  # before restoring: a different model fails to restore
 
     def layout(crop):  # the state's abstract shapes at image size `crop`, and its shardings
       abstract = jax.eval_shape(steps.make_init_fn(model, tx, crop), jax.random.PRNGKey(0))
@@ -267,10 +278,11 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
     if restored_step is not None and restored_step > config.total_steps:
       raise UserError(f"total_steps={config.total_steps} is below step {restored_step} of the checkpoint in "
                       f"{workdir}; pass --config.total_steps={restored_step} or more, or a new --workdir")
+    workdir_lib.write_config(config, workdir)  # once the resume checks passed
     crop = crop_at(config, 0 if restored_step is None else restored_step - 1)
     init_fn = steps.make_init_fn(model, tx, crop)
     _, state_shardings = layout(crop)
-    writer = MetricsWriter(workdir, resume_step=restored_step)
+    writer = MetricsWriter(workdir, resume_step=restored_step or 0)
     train_iter = train_iterator(config, crop, mesh)
     pending = []  # per-step metrics since the last log line; saved with checkpoints so resumed logs match
     written = []  # metrics.jsonl records since the last checkpoint; saved with it, put back if the file lost them
@@ -281,6 +293,7 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
       writer.restore(restored_step, extra.get("records", []))
       logging.info("Resumed from %s at step %d.", manager.directory, restored_step)
     else:
+      writer.restore(0, [])  # a run that died before its first checkpoint left records of steps redone now
       state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
       if pretrained is not None:
         state = with_pretrained(state, pretrained)
@@ -323,7 +336,8 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
           log, save = _due(step, config.progress_every) or final, _due(step, config.checkpoint_every) or final
           if log or save or stopping:
             pending = [{k: float(v) for k, v in record.items()} for record in jax.device_get(pending)]
-            _check_finite(pending, step - len(pending) + 1, manager, workdir, config.base_lr)
+            _check_finite(pending, step - len(pending) + 1, manager, workdir, base_lr=config.base_lr,
+                        grad_norm_clip=config.grad_norm_clip)
           periodic = {}  # evaluations due at this step; skipped when stopping early, to save within the grace period
           if eval_step is not None and (_due(step, config.eval_every) or final) and (final or not stopping):
             result = classification.evaluate(eval_step, state.params, eval_iterator(config, crop, mesh))
@@ -335,9 +349,9 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
             now = time.perf_counter()
             record = _train_record(pending, step - last_step, now - last_time, config.batch,
                                    config.batch * flops_per_image(crop), peak)
-            pending = []
             record.update(periodic)
             written.append(writer.write(step, record))
+            pending = []  # only once written: a failed write leaves them to the checkpoint saved after the error
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "img_per_sec", "test_accuracy")
                              if k in record})
             logging.info("step %d: %s", step, record)
@@ -352,8 +366,9 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
             break
     except Exception as e:  # pylint: disable=broad-except  # re-raised; first the steps since the last save
       # Single-process only: a save is collective, and the other processes may not have failed.
+      # Not after a failed resolution change either: the state would not fit its step's layout.
       if not isinstance(e, NonFiniteError) and position is not None and step != saved_step and \
-          jax.process_count() == 1:
+          crop == crop_at(config, step - 1) and jax.process_count() == 1:
         _save_after_error(manager, step, state, position, pending, written)
       raise
   finally:  # also on errors: in-flight checkpoints complete, files close
@@ -363,10 +378,10 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
     manager.close()
     if writer is not None:
       writer.close()
+  stop.leave_loop()  # the last checkpoint is complete: an interrupt from here on loses nothing
   if step < config.total_steps:
     logging.info("Stopped at step %d after a signal; rerun the same command to resume.", step)
     return eval_metrics
-  stop.leave_loop()  # the last checkpoint is complete: an interrupt during the export loses nothing
   model_path = workdir_lib.path(workdir, workdir_lib.MODEL_FILE)
   if restored_step == step and os.path.exists(model_path):
     logging.info("The run in %s was already complete; %s is up to date.", workdir, model_path)

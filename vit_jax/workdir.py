@@ -1,6 +1,7 @@
 """The workdir contract: every file a training run writes, and how a run resumes from them.
 
-  config.json      the run's config; a resumed run must match it (`write_config`, keys in RESUMABLE_KEYS aside)
+  config.json      the run's config; a resumed run must match it (`check_config`; RESUMABLE_KEYS, RECOVERY_KEYS
+                   may differ)
   metrics.jsonl    one JSON object per logged step (`vit_jax.metrics_writer` writes it, `read_metrics` reads it)
   checkpoints/     orbax: the train state as a PyTree, the data position and pending metrics as JSON; a step that
                    fails to restore is moved aside as `N.corrupt` and the run resumes from the newest good one
@@ -105,15 +106,19 @@ def locked(workdir):
   blocks. Multi-process runs lock on process 0; every process learns the outcome."""
   lock_path = path(workdir, LOCK_FILE)
   lock_file, holder = None, ""
+  unlocked = False  # a filesystem without flock (NFS without lockd, Lustre without -o flock): run unlocked
   if jax.process_index() == 0:
     lock_file = open(lock_path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with  (held for the run)
     try:
       fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-      if e.errno not in (errno.EAGAIN, errno.EACCES):
-        raise
-      lock_file.seek(0)
-      holder = lock_file.read().strip() or "another process"
+      if e.errno in (errno.EAGAIN, errno.EACCES):
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "another process"
+      else:
+        logging.warning("No lock on workdir %s (%s): this filesystem lacks flock; make sure no second run uses it.",
+                        workdir, e.strerror)
+        unlocked = True
       lock_file.close()
       lock_file = None
     else:
@@ -122,7 +127,7 @@ def locked(workdir):
       lock_file.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                   "started": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n")
       lock_file.flush()
-  if not _all_processes(jax.process_index() != 0 or lock_file is not None):
+  if not _all_processes(jax.process_index() != 0 or lock_file is not None or unlocked):
     if jax.process_index() == 0:
       try:
         holder = ", ".join(f"{k} {v}" for k, v in json.loads(holder).items())
@@ -149,32 +154,37 @@ def _flat(config_dict, prefix=""):
   return flat
 
 
-def write_config(config, workdir, resuming):
-  """Writes `config.json`; when resuming, first checks that the checkpointed run used a compatible config: keys
-  outside RESUMABLE_KEYS and RECOVERY_KEYS must be equal; changed RECOVERY_KEYS are logged as deliberate."""
-  new = json.loads(config.to_json())
+def check_config(config, workdir):
+  """Checks a resumed run's config against the workdir's `config.json`: keys outside RESUMABLE_KEYS and
+  RECOVERY_KEYS must be equal; changed RECOVERY_KEYS are logged as deliberate. No file is no check."""
   config_path = path(workdir, CONFIG_FILE)
-  if resuming and os.path.exists(config_path):
-    try:
-      with open(config_path, encoding="utf-8") as f:
-        old = json.load(f)
-    except (ValueError, OSError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
-      raise UserError(f"cannot read {config_path} ({' '.join(str(e).split())[:120]}), so this resume cannot be "
-                      f"checked against the run's settings; restore the file, or delete it to resume with the "
-                      "config you pass") from None
-    old_flat, new_flat = _flat(old), _flat(new)
-    changed = sorted(k for k in set(old_flat) | set(new_flat)
-                     if k.split(".")[0] not in RESUMABLE_KEYS and old_flat.get(k) != new_flat.get(k))
-    describe = lambda keys: ", ".join(f"{k} (was {old_flat.get(k)!r}, now {new_flat.get(k)!r})" for k in keys[:8])
-    differ = [k for k in changed if k not in RECOVERY_KEYS]
-    if differ:
-      raise UserError(f"workdir {workdir} holds a run with a different config: {describe(differ)}; resume it with "
-                      f"the same settings (only {', '.join(RECOVERY_KEYS)} may change) or pass a new --workdir")
-    if changed:
-      logging.warning("Resuming with a changed update rule, as asked: %s.", describe(changed))
+  if not os.path.exists(config_path):
+    return
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      old = json.load(f)
+  except (ValueError, OSError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+    raise UserError(f"cannot read {config_path} ({' '.join(str(e).split())[:120]}), so this resume cannot be "
+                    f"checked against the run's settings; restore the file, or delete it to resume with the "
+                    "config you pass") from None
+  old_flat, new_flat = _flat(old), _flat(json.loads(config.to_json()))
+  changed = sorted(k for k in set(old_flat) | set(new_flat)
+                   if k.split(".")[0] not in RESUMABLE_KEYS and old_flat.get(k) != new_flat.get(k))
+  describe = lambda keys: ", ".join(f"{k} (was {old_flat.get(k)!r}, now {new_flat.get(k)!r})" for k in keys[:8])
+  differ = [k for k in changed if k not in RECOVERY_KEYS]
+  if differ:
+    raise UserError(f"workdir {workdir} holds a run with a different config: {describe(differ)}; resume it with "
+                    f"the same settings (only {', '.join(RECOVERY_KEYS)} may change) or pass a new --workdir")
+  if changed:
+    logging.warning("Resuming with a changed update rule, as asked: %s.", describe(changed))
+
+
+def write_config(config, workdir):
+  """Writes `config.json` (process 0), atomically."""
   if jax.process_index() == 0:
+    config_path = path(workdir, CONFIG_FILE)
     with open(config_path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(new, f, indent=2, sort_keys=True)
+      json.dump(json.loads(config.to_json()), f, indent=2, sort_keys=True)
     os.replace(config_path + ".tmp", config_path)
 
 

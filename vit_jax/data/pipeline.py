@@ -20,6 +20,7 @@ directly; errors still name the setting the user wrote (`batch_key`: `batch`, `b
 """
 import math
 import queue
+import signal
 import threading
 
 from absl import flags
@@ -89,7 +90,15 @@ def _mp(ds, num_workers):
   if not flags.FLAGS.is_parsed():
     # grain's workers read absl flags; outside an absl app (library use, pytest) use their defaults.
     flags.FLAGS.mark_as_parsed()
-  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(worker_index, worker_count):
+  """In each worker: a Ctrl-C or scheduler SIGTERM reaches the whole process group, and the trainer saves and stops
+  on it; workers that died of it first would fail that save. grain stops its workers itself."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------------ grain pieces

@@ -276,11 +276,9 @@ def wait_until(predicate, procs, timeout):
     time.sleep(0.2)
 
 
-@pytest.mark.parametrize("victim", [0, 1], ids=["coordinator", "process_1"])
-def test_a_killed_process_stops_the_other_with_one_error_line(victim, tmp_path):
-  """Process 1 killed: the survivor's watch misses its beats. Process 0 (the coordinator) killed: JAX aborts the
-  survivor at once, and the abort hook says why instead of the C++ check failure."""
-  (tmp_path / "gather_forever.py").write_text(_GATHER_FOREVER)
+def start_two_processes(tmp_path, script, *args):
+  """Starts `script` (Python source) as processes 0 and 1 of a joined run: (coordinator address, procs, logs)."""
+  (tmp_path / "two_process_script.py").write_text(script)
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
   procs = []
@@ -288,8 +286,16 @@ def test_a_killed_process_stops_the_other_with_one_error_line(victim, tmp_path):
     env = process_env(devices=1, PYTHONPATH=str(tmp_path), JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
                       JAX_PROCESS_ID=str(i))
     with open(logs[i], "w", encoding="utf-8") as log:
-      procs.append(subprocess.Popen([sys.executable, "-m", "gather_forever"], cwd=ROOT, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT))
+      procs.append(subprocess.Popen([sys.executable, "-m", "two_process_script", *args], cwd=ROOT, env=env,
+                                    stdout=log, stderr=subprocess.STDOUT))
+  return address, procs, logs
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["coordinator", "process_1"])
+def test_a_killed_process_stops_the_other_with_one_error_line(victim, tmp_path):
+  """Process 1 killed: the survivor's watch misses its beats. Process 0 (the coordinator) killed: JAX aborts the
+  survivor at once, and the abort hook says why instead of the C++ check failure."""
+  address, procs, logs = start_two_processes(tmp_path, _GATHER_FOREVER)
   wait_until(lambda: all("joined" in log.read_text(errors="replace") for log in logs), procs, timeout=120)
   seconds, code, output = kill_and_time_the_survivor(procs, victim, logs)
   lost = "lost process 0, the coordinator at " + address if victim == 0 else "lost process 1 (on "
@@ -366,16 +372,7 @@ while True:
 
 @pytest.mark.parametrize("how, status", [("error", 2), ("sigterm", 0)])
 def test_a_process_that_stops_early_stops_its_peers_at_once_the_same_way(how, status, tmp_path):
-  (tmp_path / "stop_one.py").write_text(_STOP_ONE)
-  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
-  procs = []
-  for i in range(2):
-    env = process_env(devices=1, PYTHONPATH=str(tmp_path), JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
-                      JAX_PROCESS_ID=str(i))
-    with open(logs[i], "w", encoding="utf-8") as log:
-      procs.append(subprocess.Popen([sys.executable, "-m", "stop_one", how], cwd=ROOT, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT))
+  _, procs, logs = start_two_processes(tmp_path, _STOP_ONE, how)
   try:
     wait_until(lambda: all("joined" in log.read_text(errors="replace") for log in logs), procs, timeout=120)
     start = time.monotonic()

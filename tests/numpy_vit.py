@@ -84,22 +84,26 @@ def bottleneck(x, p, stride):
   return np.maximum(residual + y, 0)
 
 
-def encoder_block(x, p, num_heads):
+def encoder_block(x, p, num_heads, branch_scales=(1.0, 1.0)):
+  """`branch_scales`: per-example factors [batch] (or scalars) of the attention and MLP branches: stochastic depth
+  multiplies a branch by 0 (dropped) or 1 / (1 - rate) (kept)."""
+  attention_scale, mlp_scale = (np.reshape(s, (-1, 1, 1)) for s in branch_scales)
   y = layer_norm(x, sub(p, "LayerNorm_0"))
   a = sub(p, "MultiHeadDotProductAttention_1")
   q, k, v = (np.einsum("btd,dhk->bthk", y, a[f"{n}/kernel"]) + a[f"{n}/bias"] for n in ("query", "key", "value"))
   weights = softmax(np.einsum("bqhk,bthk->bhqt", q, k) / math.sqrt(q.shape[-1]))
   y = np.einsum("bhqt,bthk->bqhk", weights, v)
   y = np.einsum("bqhk,hkd->bqd", y, a["out/kernel"]) + a["out/bias"]
-  x = x + y
+  x = x + attention_scale * y
   y = layer_norm(x, sub(p, "LayerNorm_2"))
   m = sub(p, "MlpBlock_3")
   y = gelu_tanh(y @ m["Dense_0/kernel"] + m["Dense_0/bias"]) @ m["Dense_1/kernel"] + m["Dense_1/bias"]
-  return x + y
+  return x + mlp_scale * y
 
 
-def forward(params, images, *, num_heads, classifier="token", resnet_layers=None):
-  """Logits (or features without a head) of the zoo ViT for flat '/'-keyed `params` and NHWC `images`."""
+def forward(params, images, *, num_heads, classifier="token", resnet_layers=None, branch_scales=None):
+  """Logits (or features without a head) of the zoo ViT for flat '/'-keyed `params` and NHWC `images`;
+  `branch_scales` {layer: (attention, mlp)} as in `encoder_block`."""
   p = {k: np.asarray(v, np.float64) for k, v in params.items()}
   x = np.asarray(images, np.float64)
   if resnet_layers is not None:
@@ -117,7 +121,8 @@ def forward(params, images, *, num_heads, classifier="token", resnet_layers=None
   x = x + p["Transformer/posembed_input/pos_embedding"]
   layer = 0
   while f"Transformer/encoderblock_{layer}/LayerNorm_0/scale" in p:
-    x = encoder_block(x, sub(p, f"Transformer/encoderblock_{layer}"), num_heads)
+    x = encoder_block(x, sub(p, f"Transformer/encoderblock_{layer}"), num_heads,
+                      (branch_scales or {}).get(layer, (1.0, 1.0)))
     layer += 1
   x = layer_norm(x, sub(p, "Transformer/encoder_norm"))
   if classifier == "token":

@@ -242,6 +242,40 @@ def test_dropout_is_active_only_in_training():
   assert not np.allclose(train, eval_a)
 
 
+@pytest.mark.parametrize("scan_layers,remat", [(False, "none"), (True, "none"), (True, "full")])
+def test_stochastic_depth_drops_whole_branches_per_example_with_the_linear_rule(scan_layers, remat):
+  # Two layers: the linear rule gives block 0 rate 0 and block 1 the full rate. In training each example's output
+  # must equal the numpy reference with block 1's attention and MLP branches each dropped (x0) or kept
+  # (x 1 / (1 - rate)); the four combinations each appear about a quarter of the time at rate 0.5.
+  rate, batch = 0.5, 64
+  images = np.random.default_rng(5).uniform(-1, 1, size=(batch, 8, 8, 3)).astype(np.float32)
+  plain = tiny(patches=dict(size=(4, 4)))
+  flat = randomized(plain.init(jax.random.PRNGKey(0), images[:1])["params"])
+  model = tiny(patches=dict(size=(4, 4)), stochastic_depth=rate, scan_layers=scan_layers,
+               remat=remat)
+  params = models.stack_layers(unflatten(flat)) if scan_layers else unflatten(flat)
+  train = np.asarray(model.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.PRNGKey(3)}))
+  kept = 1 / (1 - rate)
+  combos = [(a, m) for a in (0.0, kept) for m in (0.0, kept)]
+  references = [numpy_vit.forward(flat, images, num_heads=4, branch_scales={1: combo}) for combo in combos]
+  chosen = []
+  for i in range(batch):
+    matches = [c for c, ref in enumerate(references) if np.allclose(train[i], ref[i], rtol=1e-4, atol=1e-4)]
+    assert len(matches) == 1, (i, matches)
+    chosen.append(matches[0])
+  counts = np.bincount(chosen, minlength=4)
+  assert all(6 <= n <= 26 for n in counts), counts  # binomial(64, 1/4): mean 16, sd 3.5
+  # Evaluation never drops: the zoo's function.
+  np.testing.assert_allclose(model.apply({"params": params}, images), numpy_vit.forward(flat, images, num_heads=4),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_stochastic_depth_out_of_range_names_the_key():
+  for bad in (-0.1, 1.0):
+    with pytest.raises(UserError, match=rf"stochastic_depth={bad} must be in \[0, 1\)"):
+      tiny(stochastic_depth=bad)
+
+
 def test_unknown_model_name_suggests_close_names():
   with pytest.raises(ValueError, match=r"unknown model name 'ViT-B16'; did you mean .*ViT-B_16"):
     models.get_model_config("ViT-B16")

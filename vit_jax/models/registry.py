@@ -108,7 +108,7 @@ def get_model(name, *, num_classes, **overrides):
 
 
 def _check_ranges(config):
-  """A UserError for a size below 1 or a dropout rate outside [0, 1), naming the field."""
+  """A UserError for a size below 1 or a dropout or drop-path rate outside [0, 1), naming the field."""
   transformer = config.get("transformer") or {}
   sizes = {"hidden_size": config.get("hidden_size"),
            **{f"transformer.{k}": transformer.get(k) for k in ("num_layers", "num_heads", "mlp_dim")}}
@@ -118,3 +118,6 @@ def _check_ranges(config):
   for key, value in transformer.items():
     if key.endswith("_rate") and not 0 <= value < 1:
       raise UserError(f"model transformer.{key}={value} must be in [0, 1)")
+  stochastic_depth = config.get("stochastic_depth", 0.0)
+  if not 0 <= stochastic_depth < 1:
+    raise UserError(f"model stochastic_depth={stochastic_depth} must be in [0, 1) (0 = off), e.g. 0.1")

@@ -122,8 +122,27 @@ class MultiHeadDotProductAttention(nn.Module):
     return heads_major(out.astype(self.dtype))
 
 
+def drop_path(module, x, rate, deterministic):
+  """Stochastic depth (Huang et al. 2016): zero a residual branch `x` per example with probability `rate` and scale
+  the kept ones by 1 / (1 - rate); a fresh key from `module`'s "dropout" stream. `rate` may be traced (scan)."""
+  if deterministic:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x.astype(jnp.float32) / keep, 0.0)
+
+
+def drop_path_rates(stochastic_depth, num_layers):
+  """The linear rule over depth (as timm): block i drops with rate stochastic_depth * i / (num_layers - 1)."""
+  return np.linspace(0.0, stochastic_depth, num_layers, dtype=np.float32)
+
+
 class Encoder1DBlock(nn.Module):
-  """Pre-LayerNorm transformer block (names as in the zoo's pre-Linen checkpoints)."""
+  """Pre-LayerNorm transformer block (names as in the zoo's pre-Linen checkpoints).
+
+  `drop_rate` is this block's stochastic depth, applied to both residual branches; None (not 0.0, which under
+  scan may be traced) leaves the block exactly the zoo's.
+  """
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.0
@@ -133,13 +152,15 @@ class Encoder1DBlock(nn.Module):
   scanned: bool = False  # under `nn.scan`: return (carry, per-step output)
 
   @nn.compact
-  def __call__(self, x, deterministic):  # positional: `nn.remat` marks it static by position
+  def __call__(self, x, deterministic, drop_rate=None):  # positional: `nn.remat` marks it static by position
+    branch = lambda y: y if drop_rate is None else drop_path(self, y, drop_rate, deterministic)
     y = _layer_norm("LayerNorm_0")(x).astype(self.dtype)
     y = MultiHeadDotProductAttention(self.num_heads, self.attention_dropout_rate, self.dtype, self.fused_attention,
                                      name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
-    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    x = x + branch(nn.Dropout(self.dropout_rate)(y, deterministic=deterministic))
     y = _layer_norm("LayerNorm_2")(x).astype(self.dtype)
-    x = x + MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(y, deterministic=deterministic)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(y, deterministic=deterministic)
+    x = x + branch(y)
     return (x, None) if self.scanned else x
 
 
@@ -148,6 +169,7 @@ class Encoder(nn.Module):
 
   `scan_layers=True` runs one block under `nn.scan` (compile time independent of depth); its parameters are then
   stacked along a leading layer axis under `encoderblock/` instead of `encoderblock_{i}/` (see `stack_layers`).
+  `stochastic_depth` is the drop-path rate of the last block (`drop_path_rates`); training only.
   """
   num_layers: int
   mlp_dim: int
@@ -158,6 +180,7 @@ class Encoder(nn.Module):
   fused_attention: bool = False
   remat: str = "none"
   scan_layers: bool = False
+  stochastic_depth: float = 0.0
 
   @nn.compact
   def __call__(self, x, *, train):
@@ -170,13 +193,18 @@ class Encoder(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     block_args = (self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate, self.dtype,
                   self.fused_attention)
+    # Per-layer drop-path rates, only when training with stochastic depth: otherwise the blocks are the zoo's.
+    rates = drop_path_rates(self.stochastic_depth, self.num_layers) if train and self.stochastic_depth else None
     if self.scan_layers:
       scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
-                        split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast, length=self.num_layers)
-      x, _ = scanned(*block_args, scanned=True, name="encoderblock")(x, not train)
+                        split_rngs={"params": True, "dropout": True}, length=self.num_layers,
+                        in_axes=nn.broadcast if rates is None else (nn.broadcast, 0))
+      extra = () if rates is None else (jnp.asarray(rates),)
+      x, _ = scanned(*block_args, scanned=True, name="encoderblock")(x, not train, *extra)
     else:
       for layer in range(self.num_layers):
-        x = block(*block_args, name=f"encoderblock_{layer}")(x, not train)
+        extra = () if rates is None or not rates[layer] else (float(rates[layer]),)
+        x = block(*block_args, name=f"encoderblock_{layer}")(x, not train, *extra)
     return _layer_norm("encoder_norm")(x)
 
 
@@ -199,6 +227,7 @@ class VisionTransformer(nn.Module):
   fused_attention: bool = False
   remat: str = "none"
   scan_layers: bool = False
+  stochastic_depth: float = 0.0  # drop-path rate of the last encoder block, linear over depth; training only
 
   @nn.compact
   def __call__(self, images, *, train=False):
@@ -228,7 +257,8 @@ class VisionTransformer(nn.Module):
         cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
       x = Encoder(**self.transformer, dtype=dtype, fused_attention=self.fused_attention, remat=self.remat,
-                  scan_layers=self.scan_layers, name="Transformer")(x, train=train)
+                  scan_layers=self.scan_layers, stochastic_depth=self.stochastic_depth, name="Transformer")(
+                      x, train=train)
 
     if self.classifier == "token":
       x = x[:, 0]

@@ -212,6 +212,49 @@ def test_host_datasets_without_devices():
   assert steps == len(batches) == 8 and batches[0]["mask"].shape == (24,)
 
 
+def _host_batch(pp, seed=0):
+  ds, _ = data.host_train_dataset(dataset="digits", split="train", pp=pp, batch=32, seed=seed, process_index=0,
+                                  process_count=1)
+  return next(iter(ds))
+
+
+@pytest.mark.parametrize("mix", [dict(mixup=0.5), dict(cutmix=1.0), dict(mixup=0.5, cutmix=1.0, mix_switch_prob=0.7)])
+def test_batch_mixing_is_the_batch_op_with_the_batch_seeded_generator(mix):
+  """Mixup alone is exactly what the pipeline did before cutmix; cutmix and the switch draw from the same
+  generator, seeded by the seed and the batch's first global position (so resumes replay them)."""
+  plain = _host_batch(dict(crop=8, augment="none"))
+  mixed = _host_batch(dict(crop=8, augment="none", **mix))
+  seed = data.pipeline._seed(0)  # pylint: disable=protected-access
+  rng = np.random.default_rng([seed, int(plain["_position"][0]), 2])
+  if set(mix) == {"mixup"}:
+    expected = preprocess.Mixup(0.5, 10)(plain, rng)
+  else:
+    expected = preprocess.MixBatch(mix.get("mixup", 0.0), 1.0, mix.get("mix_switch_prob", 0.5), 10)(plain, rng)
+  for key in ("image", "label"):
+    np.testing.assert_array_equal(mixed[key], expected[key])
+  assert mixed["label"].shape == (32, 10)
+
+
+def test_randaug_and_cutmix_are_deterministic_and_resume_exactly():
+  cfg = _config(pp=dict(augment="inception_crop", randaug=[2, 10], mixup=0.2, cutmix=1.0))  # lists, as to_dict()
+  a, b = _train(cfg, _sharding()), _train(cfg, _sharding())
+  first = _take(a, 2)
+  assert _equal(first, _take(b, 2))
+  without = _take(_train(_config(pp=dict(augment="inception_crop", mixup=0.2, cutmix=1.0)), _sharding()), 2)
+  assert not np.array_equal(first[0]["image"], without[0]["image"])
+  np.testing.assert_array_equal(first[0]["label"], without[0]["label"])  # randaug leaves the mixing draws alone
+  state = a.get_state()
+  expected = _take(a, 3)
+  b.set_state(state)
+  assert _equal(_take(b, 3), expected)
+  a.close()
+  b.close()
+  with pytest.raises(UserError, match=r"config\.pp\.randaug=\(2, 40\): M must be in \[0, 30\]"):
+    _train(_config(pp=dict(randaug=(2, 40))), _sharding())
+  with pytest.raises(UserError, match=r"config\.pp\.mix_switch_prob=2 must be in \[0, 1\]"):
+    _train(_config(pp=dict(cutmix=1.0, mix_switch_prob=2)), _sharding())
+
+
 # ------------------------------------------------------------------------------------- image folder
 
 

@@ -139,3 +139,127 @@ def test_eval_resize_then_central_crop():
   expected = pp.crop_resize(pp.decode(record["image"]), pp.central_crop_box(20, 20, 10, 8), 8)
   np.testing.assert_array_equal(ex["image"], pp.normalize(expected))
   assert ex["mask"] == 1
+
+
+@pytest.mark.parametrize("make", [dict, ml_collections.ConfigDict])
+def test_check_pp_cutmix_and_switch_prob(make):
+  for good in [dict(crop=8, cutmix=1.0), dict(crop=8, cutmix=0, mixup=0.2, mix_switch_prob=0.0),
+               dict(crop=8, mixup=0.2, cutmix=1.0, mix_switch_prob=1)]:
+    pp.check_pp(make(good))
+  for bad, match in [(dict(crop=8, cutmix=-0.5), r"^config\.pp\.cutmix=-0\.5 must be >= 0 \(0 = off\)"),
+                     (dict(crop=8, cutmix="1"), r"^config\.pp\.cutmix='1' must be >= 0"),
+                     (dict(crop=8, mix_switch_prob=1.5), r"^config\.pp\.mix_switch_prob=1\.5 must be in \[0, 1\]"),
+                     (dict(crop=8, mix_switch_prob=-0.1), r"^config\.pp\.mix_switch_prob=-0\.1 must be in \[0, 1\]"),
+                     (dict(crop=8, mix_switch_prob=None), r"^config\.pp\.mix_switch_prob=None must be in \[0, 1\]")]:
+    with pytest.raises(UserError, match=match):
+      pp.check_pp(make(bad))
+
+
+def _batch(size=4, height=10, width=12, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"image": rng.uniform(-1, 1, (size, height, width, 3)).astype(np.float32),
+          "label": np.arange(size) % 3, "_position": np.arange(size), "_skipped": ""}
+
+
+def _pasted_box(before, after):
+  """The pasted region, read off the images: where they changed, checked to be one rectangle."""
+  changed = (after != before).any(-1).any(0)
+  rows, cols = np.nonzero(changed)
+  if not rows.size:
+    return 0, 0, 0, 0
+  top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+  assert changed[top:bottom, left:right].all() and changed.sum() == (bottom - top) * (right - left)
+  return top, bottom, left, right
+
+
+def _check_cutmix(batch, out, num_classes=3):
+  before = batch["image"]
+  top, bottom, left, right = _pasted_box(before, out["image"])
+  box = np.zeros(before.shape[1:3], bool)
+  box[top:bottom, left:right] = True
+  np.testing.assert_array_equal(out["image"][:, box], before[::-1][:, box])  # the reversed batch's pixels
+  np.testing.assert_array_equal(out["image"][:, ~box], before[:, ~box])  # the rest untouched
+  lam = 1 - box.sum() / box.size
+  onehot = np.eye(num_classes)[batch["label"]]
+  np.testing.assert_allclose(out["label"], lam * onehot + (1 - lam) * onehot[::-1], rtol=1e-6)
+  assert out["label"].dtype == np.float32 and out["image"].dtype == np.float32
+  assert out["_position"] is batch["_position"]
+  return top, bottom, left, right
+
+
+def test_cutmix_pastes_a_box_of_the_reversed_batch_and_mixes_labels_by_its_area():
+  batch = _batch()
+  boxes = [_check_cutmix(batch, pp.CutMix(1.0, 3)(batch, np.random.default_rng(seed))) for seed in range(60)]
+  height, width = batch["image"].shape[1:3]
+  clipped = [b for b in boxes if b[1] > b[0] and (b[0] == 0 or b[1] == height or b[2] == 0 or b[3] == width)]
+  assert clipped and len(set(boxes)) > 30  # boxes at the border are included; sizes and places vary
+  np.testing.assert_array_equal(batch["image"], _batch()["image"])  # the input batch is not modified
+
+
+class _FixedDraws:
+  """A generator stand-in: beta() gives `lam`, integers() gives the box centre (y, then x)."""
+
+  def __init__(self, lam, centre):
+    self.lam, self.centre = lam, list(centre)
+
+  def beta(self, a, b):
+    del a, b
+    return self.lam
+
+  def integers(self, high):
+    value = self.centre.pop(0)
+    assert 0 <= value < high
+    return value
+
+
+def test_cutmix_box_clipped_at_the_border_by_hand():
+  # lam = 0.75: sqrt(1 - lam) = 0.5 -> a 5 x 6 cut on 10 x 12, so half sizes 5 // 2 = 2 and 6 // 2 = 3.
+  assert pp.cutmix_box(_FixedDraws(0.75, (5, 6)), 10, 12, 0.75) == (3, 7, 3, 9)
+  # Centre (0, 11): rows [-2, 2) and columns [8, 14) clip to [0, 2) and [8, 12): 2 x 4 pixels of 120.
+  assert pp.cutmix_box(_FixedDraws(0.75, (0, 11)), 10, 12, 0.75) == (0, 2, 8, 12)
+  batch = _batch()
+  out = pp.CutMix(1.0, 3)(batch, _FixedDraws(0.75, (0, 11)))
+  assert _check_cutmix(batch, out) == (0, 2, 8, 12)
+  lam = 1 - 8 / 120  # by the area pasted, not the 0.75 drawn
+  onehot = np.eye(3)[batch["label"]]
+  np.testing.assert_allclose(out["label"], lam * onehot + (1 - lam) * onehot[::-1], rtol=1e-6)
+
+
+def _is_cutmix(batch, out):
+  """Cutmix leaves every pixel either its own or the reversed batch's; mixup (alpha 1) blends them all."""
+  before = batch["image"]
+  return bool(((out["image"] == before) | (out["image"] == before[::-1])).all())
+
+
+@pytest.mark.parametrize("switch_prob", [0.0, 0.3, 1.0])
+def test_mix_batch_switches_to_cutmix_with_the_switch_probability(switch_prob):
+  batch = _batch()
+  mix = pp.MixBatch(1.0, 1.0, switch_prob, 3)
+  picks = [_is_cutmix(batch, mix(batch, np.random.default_rng(seed))) for seed in range(400)]
+  fraction = np.mean(picks)
+  if switch_prob in (0, 1):
+    assert fraction == switch_prob
+  else:
+    assert abs(fraction - switch_prob) < 0.1  # 4 standard deviations of 400 draws
+  for seed, picked in enumerate(picks[:20]):
+    out = mix(batch, np.random.default_rng(seed))
+    if picked:
+      _check_cutmix(batch, out)
+    else:
+      np.testing.assert_allclose(out["label"].sum(1), 1, rtol=1e-6)
+
+
+def test_mix_batch_with_one_of_them_is_that_op_exactly():
+  batch = _batch()
+  for seed in range(5):
+    mixup_only = pp.MixBatch(0.4, 0.0, 0.5, 3)(batch, np.random.default_rng(seed))
+    mixup = pp.Mixup(0.4, 3)(batch, np.random.default_rng(seed))  # the op the pipeline ran before cutmix existed
+    cutmix_only = pp.MixBatch(0.0, 1.0, 0.5, 3)(batch, np.random.default_rng(seed))
+    cutmix = pp.CutMix(1.0, 3)(batch, np.random.default_rng(seed))
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(mixup_only[key], mixup[key])
+      np.testing.assert_array_equal(cutmix_only[key], cutmix[key])
+  assert pp.MixBatch.from_pp({"crop": 8}, 3) is None
+  assert pp.MixBatch.from_pp({"crop": 8, "mixup": 0.0, "cutmix": None}, 3) is None
+  both = pp.MixBatch.from_pp({"crop": 8, "mixup": 0.2, "cutmix": 1.0}, 3)
+  assert both.switch_prob == 0.5 and both.mixup.alpha == 0.2 and both.cutmix.alpha == 1.0

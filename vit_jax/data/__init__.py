@@ -26,8 +26,11 @@ The functions take explicit keyword arguments, never the training config; the tr
 process, default 2) and `prefetch` (device batches) under the same names; `split` is `pp.train` or `pp.test`
 (TFDS split syntax); `batch` is `batch` (train) or `batch_eval` (eval), global; `pp` is `config.pp` itself (any
 mapping): `crop`, `resize` (eval: resize then central crop; None: resize straight to crop), `augment`
-(`inception_crop` | `affine` | `none`), `mixup` (Beta alpha, 0 = off), `strict` (corrupt image -> error instead
-of skip-and-count). Errors name those config keys (`batch_key` names the batch setting, e.g. `--batch_size`).
+(`inception_crop` | `affine` | `none`), `randaug` ((N, M): RandAugment, N ops at magnitude M in [0, 30] on the
+training crop, e.g. (2, 10); () = off), `mixup` (Beta alpha, 0 = off), `cutmix` (Beta alpha, 0 = off),
+`mix_switch_prob` (with mixup and cutmix both on: the share of batches that use cutmix, default 0.5), `strict`
+(corrupt image -> error instead of skip-and-count). Errors name those config keys (`batch_key` names the batch
+setting, e.g. `--batch_size`).
 
 API:
 

@@ -2,13 +2,15 @@
 
 Training reads one global order, whatever the number of processes: global position g = epoch * N + k is
 example `permutation(seed, epoch)[k]` of the N-example split, global batch b holds positions [b*B, (b+1)*B),
-and process p of P loads rows [p*B/P, (p+1)*B/P) of every global batch. Augmentation draws from a generator
-seeded by (seed, g). So step s sees the same examples, augmented the same way, on 1 process or 64, and the
-iterator state is one number, the global batches handed out, which any topology can resume from. A corrupt
-image is replaced by the next readable example of the order (and counted), so positions never shift.
+and process p of P loads rows [p*B/P, (p+1)*B/P) of every global batch. Augmentation (crop, RandAugment) draws
+from a generator seeded by (seed, g). So step s sees the same examples, augmented the same way, on 1 process or
+64, and the iterator state is one number, the global batches handed out, which any topology can resume from.
+Mixup / cutmix mix within a process's rows, with a generator seeded by their first position: resumes are exact
+too. A corrupt image is replaced by the next readable example of the order (and counted), so positions never
+shift.
 
   range(local positions from the resume point) -> map(position -> example)        (grain MapDataset)
-    -> to_iter_dataset(reader threads) -> batch(B/P) [-> mixup] -> mp_prefetch(num_workers)
+    -> to_iter_dataset(reader threads) -> batch(B/P) [-> mixup | cutmix] -> mp_prefetch(num_workers)
     -> background thread: jax.make_array_from_process_local_data -> queue of `prefetch` device batches
 
 Evaluation pads the split to ceil(N / batch) global batches, gives each process a contiguous block of
@@ -144,13 +146,13 @@ class _TrainRecord:
 
 
 class _MixupBatch:
-  """Picklable batch op: mixup with a generator seeded by the batch's first global position."""
+  """Picklable batch op: mixup / cutmix with a generator seeded by the batch's first global position."""
 
-  def __init__(self, mixup, seed):
-    self.mixup, self.seed = mixup, seed
+  def __init__(self, mix, seed):
+    self.mix, self.seed = mix, seed
 
   def __call__(self, batch):
-    return self.mixup(batch, np.random.default_rng([self.seed, int(batch["_position"][0]), 2]))
+    return self.mix(batch, np.random.default_rng([self.seed, int(batch["_position"][0]), 2]))
 
 
 class _EvalRecord:
@@ -176,9 +178,9 @@ def _train_dataset(source, pp, *, seed, local_batch, process_index, process_coun
   ds = grain.MapDataset.range(start_batch * local_batch, _ENDLESS).map(record)
   ds = ds.to_iter_dataset(_read_options(read_threads, local_batch))
   ds = ds.batch(local_batch, drop_remainder=True, batch_fn=stack_examples)
-  alpha = float(pp.get("mixup", 0.0) or 0.0)
-  if alpha > 0:
-    ds = ds.map(_MixupBatch(pp_lib.Mixup(alpha, len(source.class_names)), _seed(seed)))
+  mix = pp_lib.MixBatch.from_pp(pp, len(source.class_names))
+  if mix is not None:
+    ds = ds.map(_MixupBatch(mix, _seed(seed)))
   return _mp(ds, num_workers)
 
 

@@ -10,15 +10,22 @@ equals TF's `tf.image.resize` (half-pixel centres); when shrinking PIL low-pass 
 `tf.image.resize(..., antialias=True)`) where the zoo's TF code did not, which moves pixels by a few levels.
 
 A training op is `op(image: PIL.Image, rng, crop) -> uint8 array [crop, crop, 3]` in `TRAIN_OPS`, chosen by
-`pp.augment`. `pp` is the preprocessing part of the training config (`config.pp`): any mapping, a ConfigDict or
-a dict, read with `pp["crop"]` / `pp.get(key, default)` only, so callers outside training need no config.
+`pp.augment`. `pp.randaug` = (N, M) then applies RandAugment (vit_jax/data/randaugment.py) to that uint8 crop,
+drawing from the same per-example generator after the crop op. `pp` is the preprocessing part of the training
+config (`config.pp`): any mapping, a ConfigDict or a dict, read with `pp["crop"]` / `pp.get(key, default)` only, so
+callers outside training need no config.
+
+Batch ops run on whole (per-process) batches of normalised images with a generator per batch: `Mixup` blends each
+image with the batch reversed; `CutMix` pastes a box of the batch reversed; `MixBatch` picks one of them per batch.
 """
 import io
 import math
+import numbers
 
 import numpy as np
 from PIL import Image
 
+from vit_jax.data import randaugment
 from vit_jax.errors import UserError
 
 AREA_RANGE = (0.05, 1.0)
@@ -161,6 +168,7 @@ def plain_resize(img, rng, crop):
 
 TRAIN_OPS = {"inception_crop": inception_crop, "affine": random_affine, "none": plain_resize}
 DEFAULT_AUGMENT = "inception_crop"
+DEFAULT_MIX_SWITCH_PROB = 0.5
 
 
 def check_pp(pp):
@@ -174,9 +182,19 @@ def check_pp(pp):
   resize = pp.get("resize")
   if resize is not None and (not isinstance(resize, int) or resize < crop):
     raise UserError(f"config.pp.resize={resize!r} must be None or an int >= pp.crop={crop}")
-  mixup = pp.get("mixup", 0.0)
-  if float(mixup or 0.0) < 0:
-    raise UserError(f"config.pp.mixup={mixup!r} must be >= 0 (0 = off)")
+  randaugment.parse_randaug(pp.get("randaug", ()))
+  for key in ("mixup", "cutmix"):
+    alpha = pp.get(key, 0.0)
+    if not _is_number(alpha or 0.0) or float(alpha or 0.0) < 0:
+      raise UserError(f"config.pp.{key}={alpha!r} must be >= 0 (0 = off); e.g. 0.2, a Beta(alpha, alpha) mixing ratio")
+  switch_prob = pp.get("mix_switch_prob", DEFAULT_MIX_SWITCH_PROB)
+  if not _is_number(switch_prob) or not 0 <= switch_prob <= 1:
+    raise UserError(f"config.pp.mix_switch_prob={switch_prob!r} must be in [0, 1]: the share of batches that use "
+                    "cutmix when mixup and cutmix are both on; e.g. 0.5")
+
+
+def _is_number(value):
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ------------------------------------------------------------------------- picklable per-example callables
@@ -193,13 +211,17 @@ class TrainPreprocess:
   def __init__(self, pp):
     self.crop = pp["crop"]
     self.op = TRAIN_OPS[pp.get("augment", DEFAULT_AUGMENT)]
+    self.randaug = randaugment.parse_randaug(pp.get("randaug", ()))  # (num_ops, magnitude) or None
 
   def __call__(self, record, rng):
     try:
       img = decode(record["image"])
     except CorruptImage as e:
       return _corrupt_example(record, self.crop, e)
-    return {"image": normalize(self.op(img, rng, self.crop)), "label": np.int32(record["label"]), "_skipped": ""}
+    image = self.op(img, rng, self.crop)
+    if self.randaug:  # after the crop's draws: without randaug the generator is used exactly as before
+      image = randaugment.rand_augment(image, rng, *self.randaug)
+    return {"image": normalize(image), "label": np.int32(record["label"]), "_skipped": ""}
 
 
 class EvalPreprocess:
@@ -225,6 +247,11 @@ class EvalPreprocess:
             "mask": np.float32(0), "_skipped": ""}
 
 
+def _mix_labels(labels, num_classes, lam):
+  onehot = np.eye(num_classes, dtype=np.float32)[labels]
+  return lam * onehot + (1 - lam) * onehot[::-1]
+
+
 class Mixup:
   """Batch op: mix each example with the batch reversed, lam ~ Beta(alpha, alpha); labels become soft."""
 
@@ -233,8 +260,70 @@ class Mixup:
 
   def __call__(self, batch, rng):
     lam = np.float32(rng.beta(self.alpha, self.alpha))
-    onehot = np.eye(self.num_classes, dtype=np.float32)[batch["label"]]
     batch = dict(batch)
     batch["image"] = lam * batch["image"] + (1 - lam) * batch["image"][::-1]
-    batch["label"] = lam * onehot + (1 - lam) * onehot[::-1]
+    batch["label"] = _mix_labels(batch["label"], self.num_classes, lam)
     return batch
+
+
+def cutmix_box(rng: np.random.Generator, height: int, width: int, lam: float):
+  """(top, bottom, left, right) of a box of about (1 - lam) of the image, clipped to it, as timm's `rand_bbox`.
+
+  The box is 2 * (int(H * sqrt(1 - lam)) // 2) by 2 * (int(W * sqrt(1 - lam)) // 2) around a centre drawn
+  uniformly over the pixels; clipping at the border makes it smaller.
+  """
+  ratio = math.sqrt(1.0 - lam)
+  half_height, half_width = int(height * ratio) // 2, int(width * ratio) // 2
+  centre_y, centre_x = int(rng.integers(height)), int(rng.integers(width))
+  top, bottom = min(max(centre_y - half_height, 0), height), min(max(centre_y + half_height, 0), height)
+  left, right = min(max(centre_x - half_width, 0), width), min(max(centre_x + half_width, 0), width)
+  return top, bottom, left, right
+
+
+class CutMix:
+  """Batch op: paste a box of the batch reversed into each image, lam ~ Beta(alpha, alpha) (Yun et al. 2019).
+
+  Labels are mixed by the area actually pasted: lam = 1 - box area / image area, after clipping the box.
+  """
+
+  def __init__(self, alpha: float, num_classes: int):
+    self.alpha, self.num_classes = alpha, num_classes
+
+  def __call__(self, batch, rng):
+    images = batch["image"]
+    height, width = images.shape[1:3]
+    top, bottom, left, right = cutmix_box(rng, height, width, rng.beta(self.alpha, self.alpha))
+    lam = np.float32(1.0 - (bottom - top) * (right - left) / (height * width))
+    batch = dict(batch)
+    batch["image"] = images.copy()
+    batch["image"][:, top:bottom, left:right] = images[::-1, top:bottom, left:right]
+    batch["label"] = _mix_labels(batch["label"], self.num_classes, lam)
+    return batch
+
+
+class MixBatch:
+  """Batch op: mixup or cutmix, whichever is on (alpha > 0); with both, cutmix with probability `switch_prob`.
+
+  Per batch, as timm's Mixup(switch_prob=...). With mixup alone it draws exactly what `Mixup` draws.
+  """
+
+  def __init__(self, mixup_alpha: float, cutmix_alpha: float, switch_prob: float, num_classes: int):
+    self.mixup = Mixup(mixup_alpha, num_classes) if mixup_alpha > 0 else None
+    self.cutmix = CutMix(cutmix_alpha, num_classes) if cutmix_alpha > 0 else None
+    self.switch_prob = switch_prob
+
+  def __call__(self, batch, rng):
+    if self.mixup is None and self.cutmix is None:
+      return batch
+    if self.mixup is None or self.cutmix is None:
+      return (self.mixup or self.cutmix)(batch, rng)
+    use_cutmix = rng.random() < self.switch_prob  # in [0, 1): never at 0, always at 1
+    return (self.cutmix if use_cutmix else self.mixup)(batch, rng)
+
+  @classmethod
+  def from_pp(cls, pp, num_classes):
+    """The batch op `pp` asks for (mixup, cutmix, mix_switch_prob), or None when both are off."""
+    mixup, cutmix = float(pp.get("mixup", 0.0) or 0.0), float(pp.get("cutmix", 0.0) or 0.0)
+    if mixup <= 0 and cutmix <= 0:
+      return None
+    return cls(mixup, cutmix, float(pp.get("mix_switch_prob", DEFAULT_MIX_SWITCH_PROB)), num_classes)

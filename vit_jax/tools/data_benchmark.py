@@ -2,6 +2,7 @@
 
   python -m vit_jax.tools.data_benchmark --dataset=/path/to/folder --workers=0,1,2
   python -m vit_jax.tools.data_benchmark --make_jpeg_folder=/tmp/jpegs --workers=0,1,2   # synthetic 500x375 JPEGs
+  python -m vit_jax.tools.data_benchmark --make_jpeg_folder=/tmp/jpegs --workers=0,1,2 --randaug=2,10  # RandAugment
 
 Measured figures are in docs/benchmarks.md.
 """
@@ -13,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from vit_jax.data import pipeline
+from vit_jax.data import randaugment
 from vit_jax.errors import UserError
 from vit_jax.tools import cli
 
@@ -26,6 +28,7 @@ def define_flags():
   flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts to measure.")
   flags.DEFINE_integer("crop", 224, "Output size.")
   flags.DEFINE_string("augment", "inception_crop", "pp.augment.")
+  flags.DEFINE_list("randaug", [], "pp.randaug as N,M: RandAugment with N ops at magnitude M, e.g. 2,10; empty = off.")
   flags.DEFINE_integer("read_threads", 2, "Reader threads per process.")
   flags.DEFINE_float("seconds", 15.0, "Measuring time per worker count (after warm-up).")
 
@@ -57,6 +60,17 @@ def measure(seconds, **train_dataset_kwargs):
   return rate
 
 
+def parse_randaug_flag(values):
+  """--randaug=N,M (a list of strings) -> pp.randaug: (N, M), or () when empty."""
+  shown = ",".join(values)
+  try:
+    value = tuple(int(v) if i == 0 else float(v) for i, v in enumerate(values))
+  except ValueError:
+    raise UserError(f"--randaug={shown}: must be N,M with N an int and M a number; e.g. --randaug=2,10") from None
+  return randaugment.parse_randaug(value, setting="--randaug", example="--randaug=2,10", shown=shown,
+                                   off="--randaug=") or ()
+
+
 def main():
   dataset = FLAGS.dataset
   if FLAGS.make_jpeg_folder:
@@ -67,11 +81,13 @@ def main():
     worker_counts = [int(w) for w in FLAGS.workers]
   except ValueError:
     raise UserError(f"--workers={','.join(FLAGS.workers)} must be integers, e.g. --workers=0,1,2") from None
+  randaug = parse_randaug_flag(FLAGS.randaug)
   print(f"dataset={dataset} split={FLAGS.split} crop={FLAGS.crop} augment={FLAGS.augment} "
-        f"batch={FLAGS.batch} read_threads={FLAGS.read_threads} cpus={os.cpu_count()}")
+        f"randaug={','.join(FLAGS.randaug) or 'off'} batch={FLAGS.batch} read_threads={FLAGS.read_threads} "
+        f"cpus={os.cpu_count()}")
   for workers in worker_counts:
     rate = measure(FLAGS.seconds, dataset=dataset, split=FLAGS.split,
-                   pp=dict(crop=FLAGS.crop, resize=None, augment=FLAGS.augment, mixup=0.0),
+                   pp=dict(crop=FLAGS.crop, resize=None, augment=FLAGS.augment, randaug=randaug, mixup=0.0),
                    batch=FLAGS.batch, seed=0, tfds_data_dir=FLAGS.tfds_data_dir, num_workers=workers,
                    read_threads=FLAGS.read_threads, batch_key="--batch")
     per = f" ({rate / workers:.0f} img/s per worker)" if workers else ""

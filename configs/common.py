@@ -19,6 +19,8 @@ def get_config():
       "remat": "none",  # none | full | save_dots: recompute activations in the backward pass to save memory
       "scan_layers": False,  # one scanned encoder block: compile time independent of depth
       "fused_attention": False,  # jax.nn.dot_product_attention (cuDNN flash attention on GPU)
+      # Stochastic depth (drop path): the last block's rate, linear from 0 over depth, per example; training only.
+      "stochastic_depth": 0.0,
   })
   config.pretrained_path = config_dict.placeholder(str)  # zoo .npz to fine-tune from; None trains from scratch
   # Compute dtype: auto, bfloat16 or float32; parameters and optimizer state stay float32. auto is bfloat16 on
@@ -38,7 +40,11 @@ def get_config():
   config.crop_stages = ()
   config.pp.resize = config_dict.placeholder(int)
   config.pp.augment = "inception_crop"  # inception_crop | affine | none
+  # RandAugment (N ops, magnitude M in [0, 30], 10 the usual maximum) on the uint8 crop, e.g. (2, 10); () is off.
+  config.pp.randaug = ()
   config.pp.mixup = 0.0  # mixup alpha; 0 is off
+  config.pp.cutmix = 0.0  # CutMix alpha; 0 is off
+  config.pp.mix_switch_prob = 0.5  # with mixup and cutmix both on: the share of batches that use cutmix
   config.pp.strict = False  # a corrupt image is an error (True) or skipped and counted (False)
   config.num_workers = 0  # grain worker processes; 0 reads in the main process
   config.read_threads = 2  # reader threads per process
@@ -58,6 +64,16 @@ def get_config():
   config.beta2 = 0.999
   config.momentum_dtype = "float32"  # bfloat16 halves the optimizer state
   config.weight_decay = 0.0
+  # Fine-tuning: learning-rate factor decay^(L + 1) for the embeddings, decay^(L - i) for block i of L, 1 for the
+  # head (BEiT/MAE); 1.0 is off.
+  config.layer_decay = 1.0
+  # ((regex over parameter paths, learning-rate multiplier), ...): the first full match wins, unmatched paths get
+  # 1, 0 freezes. E.g. train only the head: (("head/.*", 1.0), (".*", 0.0)). A regex matching nothing is an error.
+  config.lr_mults = ()
+  # An exponential moving average of the weights (e.g. 0.9999; 0 is off), kept sharded in the train state, scored
+  # as test_loss_ema / test_accuracy_ema beside the raw weights; export_ema: model.npz holds it (else the raw ones).
+  config.ema_decay = 0.0
+  config.export_ema = True
   config.label_smoothing = 0.0
   config.loss = "softmax_xent"  # softmax_xent | sigmoid_xent
   config.seed = 0

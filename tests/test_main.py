@@ -108,6 +108,13 @@ def test_incompatible_workdir_names_the_keys(uninterrupted):
     (["--workdir=/dev/null/run"], "workdir /dev/null/run is not writable"),
     (["--config.base_lr=0"], "base_lr=0.0 must be positive"),
     (["--config.label_smoothing=1.0"], "label_smoothing=1.0 must be in [0, 1)"),
+    (["--config.pp.randaug=-1,5"], "config.pp.randaug=(-1, 5): N must be an int >= 0"),
+    (["--config.pp.randaug=2,31"], "config.pp.randaug=(2, 31): M must be in [0, 30]"),
+    (["--config.model.stochastic_depth=1.0"], "stochastic_depth=1.0 must be in [0, 1)"),
+    (["--config.ema_decay=1.0"], "ema_decay=1.0 must be in [0, 1)"),
+    (["--config.layer_decay=0"], "config.layer_decay=0.0 must be in (0, 1]"),
+    (["--config.layer_decay=1.5"], "config.layer_decay=1.5 must be in (0, 1]"),
+    (["--config.lr_mults=(('heads/.*', 1.0),)"], "config.lr_mults regex 'heads/.*' matches no parameter path"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, flags, expected):
   result = _run(str(tmp_path / "run"), *flags, timeout=120)
@@ -115,7 +122,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, flags, expected):
   error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-3000:]
   assert "Traceback" not in result.stderr
-  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+  assert not os.path.exists(tmp_path / "run")  # nothing written
 
 
 def test_sigint_saves_a_checkpoint_exits_130_and_the_run_resumes_exactly(uninterrupted, tmp_path):

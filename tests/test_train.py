@@ -128,6 +128,41 @@ def test_accumulation_equals_the_large_batch():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), accumulated_params, large_params)
 
 
+def test_ema_follows_the_parameters_with_the_warmed_up_decay():
+  config = tiny_config(model={"patches": {"size": (4, 4)}, "transformer": {"dropout_rate": 0.0}})
+  mesh = _mesh(2, 2, 1, 4)
+  tx, schedule = train.make_optimizer(config)
+  model = train.create_model(config, num_classes=10, platform="cpu")
+  init_fn = steps.make_init_fn(model, tx, config.pp.crop, ema=True)
+  shardings = sharding.tree_shardings(jax.eval_shape(init_fn, jax.random.PRNGKey(0)), mesh)
+  assert shardings.ema_params == shardings.params  # sharded like the parameters
+  state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(0))
+  step = steps.make_train_step(model, tx, schedule, supervised.Supervised().loss_fn, mesh=mesh,
+                               state_shardings=shardings, ema_decay=0.5)
+  expected = jax.device_get(state.params)
+  for k, batch in enumerate(_synthetic_batches(3, 16)):
+    state, _ = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    decay = min(0.5, (1 + k) / (10 + k))  # 0.1, 0.1818..., 0.25: the warm-up still rules
+    expected = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * np.asarray(p), expected,
+                            jax.device_get(state.params))
+  jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7),
+               jax.device_get(state.ema_params), expected)
+  assert float(steps.ema_decay_at(10_000, 0.5)) == 0.5
+  with pytest.raises(UserError, match=r"ema_decay=1.0 must be in \[0, 1\)"):
+    train.validate_config(tiny_config(ema_decay=1.0))
+
+
+def test_mixing_labels_needs_an_objective_that_trains_on_them():
+  class Unlabelled:  # stands for a self-supervised objective
+    classifies = False
+  for key in ("mixup", "cutmix"):
+    pp = {"mixup": 0.0, "cutmix": 0.0, key: 1.0}
+    with pytest.raises(UserError, match=rf"config.pp.{key}=1.0 mixes labels, which the Unlabelled objective does "
+                                        rf"not train on; set --config.pp.{key}=0"):
+      train.check_objective_data(Unlabelled(), pp)
+    train.check_objective_data(supervised.Supervised(), pp)
+
+
 @pytest.mark.parametrize("platform,sliced", [("cpu", False), ("tpu", True)])
 def test_checkpoints_of_replicated_state_slice_it_per_replica_only_off_cpu(tmp_path, monkeypatch, platform, sliced):
   """Orbax's replica-parallel save slices every replicated array once per replica: on CPU that only blocks the
@@ -262,3 +297,35 @@ def test_scanned_rematerialised_model_trains_and_exports_the_zoo_layout(tmp_path
   assert 0 <= result["test_accuracy"] <= 1
   params = checkpoint.load(os.path.join(workdir, "model.npz"))
   assert {"encoderblock_0", "encoderblock_1"} <= set(params["Transformer"])
+
+
+@pytest.mark.slow
+def test_the_whole_recipe_trains_resumes_exactly_and_exports_the_chosen_weights(tmp_path):
+  # Every piece at once, scanned layers: RandAugment, mixup and CutMix, stochastic depth, EMA, layer decay and a
+  # learning-rate multiplier.
+  from vit_jax.tools import evaluate, trained_model  # pylint: disable=g-import-not-at-top
+  config = tiny_config(ema_decay=0.5, layer_decay=0.8, lr_mults=(("head/.*", 2.0),), base_lr=0.01,
+                       mesh={"data": 4, "fsdp": 2, "tensor": 1})
+  config.model.update({"scan_layers": True, "stochastic_depth": 0.2, "transformer": {"num_layers": 2}})
+  config.pp.update(randaug=(2, 5), mixup=0.2, cutmix=1.0)
+  workdir = str(tmp_path / "run")
+  result = train.train_and_evaluate(config, workdir)
+  records = read_metrics(workdir)
+  assert [r["step"] for r in records if "test_accuracy_ema" in r] == [3, 6]
+  exported = evaluate.evaluate(trained_model.load(workdir))
+  np.testing.assert_allclose(exported["loss"], result["test_loss_ema"], rtol=1e-5)
+  assert abs(result["test_loss_ema"] - result["test_loss"]) > 1e-4  # the two are told apart
+  # Resumed from step 3 (the last checkpoint and the export removed): the same weights, bit for bit.
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+  os.remove(os.path.join(resumed, "model.npz"))
+  train.train_and_evaluate(config, resumed)
+  jax.tree.map(np.testing.assert_array_equal, checkpoint.load(os.path.join(resumed, "model.npz")),
+               checkpoint.load(os.path.join(workdir, "model.npz")))
+  # export_ema may change on resume: the complete run exports its raw weights instead.
+  os.remove(os.path.join(workdir, "model.npz"))
+  config.export_ema = False
+  train.train_and_evaluate(config, workdir)
+  exported = evaluate.evaluate(trained_model.load(workdir))
+  np.testing.assert_allclose(exported["loss"], result["test_loss"], rtol=1e-5)

@@ -13,6 +13,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vit_jax import sharding
+from vit_jax.errors import UserError
 from vit_jax.models import geometry
 
 
@@ -22,6 +23,20 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # base key; the key of step s is fold_in(rng, s), so a resumed run draws the same dropout
+  ema_params: Any = None  # exponential moving average of `params` (`ema_decay` > 0), sharded like them; else None
+
+
+def ema_decay_at(step, ema_decay):
+  """The EMA decay used by the update of 0-based optimizer step `step`: `ema_decay`, warmed up as TF's
+  ExponentialMovingAverage(num_updates) does, min(ema_decay, (1 + step) / (10 + step)), so the average forgets the
+  random initialisation within the first steps instead of over ~1 / (1 - ema_decay) of them."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def check_ema_decay(ema_decay):
+  if not 0 <= ema_decay < 1:
+    raise UserError(f"ema_decay={ema_decay} must be in [0, 1) (0 = no EMA of the weights), e.g. 0.9999")
 
 
 def _images(image_size):
@@ -36,21 +51,25 @@ def count_params(model, image_size) -> int:
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
 
 
-def make_init_fn(model, tx, image_size):
-  """seed -> TrainState for images of `image_size` (int or (height, width)); run it under
-  `jax.jit(out_shardings=...)` so every array is born sharded."""
+def make_init_fn(model, tx, image_size, *, ema=False):
+  """seed -> TrainState for images of `image_size` (int or (height, width)), with an EMA of the parameters when
+  `ema`; run it under `jax.jit(out_shardings=...)` so every array is born sharded."""
   def init(rng):
     init_rng, state_rng = jax.random.split(rng)
     params = model.init(init_rng, _images(image_size), train=False)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else None)
   return init
 
 
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple]  # (model, params, batch, rng) -> (loss, {name: scalar})
 
 
-def make_train_step(model, tx, schedule, loss_fn: LossFn, *, mesh, state_shardings, accum_steps=1):
+def make_train_step(model, tx, schedule, loss_fn: LossFn, *, mesh, state_shardings, accum_steps=1, ema_decay=0.0):
   """jitted (state, batch) -> (state, metrics); the state is donated, so it is updated in place.
+
+  With `ema_decay` > 0 the state's `ema_params` follow the updated parameters: ema = d * ema + (1 - d) * params,
+  d = `ema_decay_at(step)`.
 
   Metrics are the objective's (averaged over micro-batches) plus `learning_rate` and `grad_norm`. With
   `accum_steps` > 1 the batch is split into micro-batches that a `lax.scan` runs one after the other, summing
@@ -87,9 +106,13 @@ def make_train_step(model, tx, schedule, loss_fn: LossFn, *, mesh, state_shardin
       loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_decay:
+      decay = ema_decay_at(state.step, ema_decay)
+      ema_params = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema_params, params)
     metrics = {"train_loss": loss, **metrics, "learning_rate": schedule(state.step),
                "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
 
   replicated = NamedSharding(mesh, P())
   return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),

@@ -44,6 +44,15 @@ def validate_config(config):
   for stage in config.crop_stages:
     if len(tuple(stage)) != 2 or not all(isinstance(v, int) for v in stage) or stage[0] < 0 or stage[1] < 1:
       raise UserError(f"crop_stages entry {tuple(stage)} must be (start_step >= 0, crop >= 1)")
+  steps.check_ema_decay(config.ema_decay)
+
+
+def check_objective_data(objective, pp):
+  """Mixing images mixes their labels: an objective that does not train on labels cannot use it."""
+  for key in ("mixup", "cutmix"):
+    if not objective.classifies and float(pp.get(key, 0.0) or 0.0) > 0:
+      raise UserError(f"config.pp.{key}={pp[key]} mixes labels, which the {type(objective).__name__} objective "
+                      f"does not train on; set --config.pp.{key}=0")
 
 
 def model_config_from(config):
@@ -128,10 +137,18 @@ def resize_position_embeddings(state, model_config, crop):
 
 
 def with_pretrained(state, pretrained):
-  """`state` with every parameter that `pretrained` holds as an array (the head stays as initialised)."""
+  """`state` with every parameter that `pretrained` holds as an array (the head stays as initialised), in the EMA
+  too when there is one."""
   def pick(init, loaded):
     return jax.device_put(np.asarray(loaded, init.dtype), init.sharding) if isinstance(loaded, np.ndarray) else init
-  return state.replace(params=jax.tree.map(pick, state.params, pretrained))
+  params = jax.tree.map(pick, state.params, pretrained)
+  ema_params = None if state.ema_params is None else jax.tree.map(pick, state.ema_params, pretrained)
+  return state.replace(params=params, ema_params=ema_params)
+
+
+def exported_weights(config):
+  """Which weights model.npz holds: `ema` (the moving average, when `ema_decay` > 0 and `export_ema`) or `raw`."""
+  return "ema" if config.ema_decay > 0 and config.export_ema else "raw"
 
 
 # --- loop helpers ----------------------------------------------------------------------------------------------
@@ -223,6 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   """
   validate_config(config)
   objective = objectives.get(config.trainer).from_config(config)
+  data.check_pp(config.pp)
+  check_objective_data(objective, config.pp)
   model_config = model_config_from(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   platform = mesh.devices.flat[0].platform
@@ -235,7 +254,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   model = create_model(config, objective.num_outputs(info.num_classes), platform)
   logging.info("Compute dtype: %s (config.dtype=%s on %s).", jnp.dtype(model.dtype).name, config.dtype, platform)
   first_crop = crop_at(config, 0)
-  abstract_state = jax.eval_shape(steps.make_init_fn(model, tx, first_crop), jax.random.PRNGKey(0))
+  abstract_state = jax.eval_shape(steps.make_init_fn(model, tx, first_crop, ema=config.ema_decay > 0),
+                                  jax.random.PRNGKey(0))
+  # The learning-rate rules against the real parameter paths: a regex that matches nothing fails here.
+  optim.learning_rate_factors(abstract_state.params, layer_decay=config.layer_decay, lr_mults=config.lr_mults)
   pretrained = None
   if config.pretrained_path:  # read and checked before anything compiles
     pretrained = checkpoint.load_pretrained(pretrained_path=config.pretrained_path,
@@ -260,13 +282,14 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
   """The loop of `train_and_evaluate`, in a locked workdir."""
   platform = mesh.devices.flat[0].platform
   manager = workdir_lib.checkpoint_manager(workdir, keep=config.keep_checkpoints, platform=platform)
+  ema = config.ema_decay > 0
   writer = train_iter = None  # closed in `finally`, also when setting up fails
   try:
     if manager.all_steps():
       workdir_lib.check_config(config, workdir)  # before restoring: a different model fails to restore
 
     def layout(crop):  # the state's abstract shapes at image size `crop`, and its shardings
-      abstract = jax.eval_shape(steps.make_init_fn(model, tx, crop), jax.random.PRNGKey(0))
+      abstract = jax.eval_shape(steps.make_init_fn(model, tx, crop, ema=ema), jax.random.PRNGKey(0))
       return abstract, sharding.tree_shardings(abstract, mesh)
 
     def target_at(step):  # the checkpoint of step s holds the state that step s - 1 produced, at its resolution
@@ -280,7 +303,7 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
                       f"{workdir}; pass --config.total_steps={restored_step} or more, or a new --workdir")
     workdir_lib.write_config(config, workdir)  # once the resume checks passed
     crop = crop_at(config, 0 if restored_step is None else restored_step - 1)
-    init_fn = steps.make_init_fn(model, tx, crop)
+    init_fn = steps.make_init_fn(model, tx, crop, ema=ema)
     _, state_shardings = layout(crop)
     writer = MetricsWriter(workdir, resume_step=restored_step or 0)
     train_iter = train_iterator(config, crop, mesh)
@@ -301,7 +324,8 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
                  parameter_overview.get_parameter_overview(state.params, include_stats=False))
 
     train_step = steps.make_train_step(model, tx, schedule, objective.loss_fn, mesh=mesh,
-                                       state_shardings=state_shardings, accum_steps=config.accum_steps)
+                                       state_shardings=state_shardings, accum_steps=config.accum_steps,
+                                       ema_decay=config.ema_decay)
     eval_step = None
     if objective.classifies:
       eval_step = classification.make_eval_step(model, loss=objective.loss, mesh=mesh,
@@ -342,6 +366,9 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
           if eval_step is not None and (_due(step, config.eval_every) or final) and (final or not stopping):
             result = classification.evaluate(eval_step, state.params, eval_iterator(config, crop, mesh))
             eval_metrics = {"test_loss": result["loss"], "test_accuracy": result["accuracy"]}
+            if ema:  # the averaged weights, scored beside the raw ones
+              result = classification.evaluate(eval_step, state.ema_params, eval_iterator(config, crop, mesh))
+              eval_metrics.update(test_loss_ema=result["loss"], test_accuracy_ema=result["accuracy"])
             periodic.update(eval_metrics)
           if fewshot_eval and (_due(step, config.fewshot.every) or final) and (final or not stopping):
             periodic.update(fewshot_eval(state.params, model))
@@ -386,8 +413,9 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
   if restored_step == step and os.path.exists(model_path):
     logging.info("The run in %s was already complete; %s is up to date.", workdir, model_path)
     return eval_metrics
-  params = multihost_utils.process_allgather(state.params, tiled=True)
+  weights = exported_weights(config)
+  params = multihost_utils.process_allgather(state.ema_params if weights == "ema" else state.params, tiled=True)
   if jax.process_index() == 0:
     checkpoint.save(params, model_path)
-  logging.info("Done at step %d: %s", step, eval_metrics)
+  logging.info("Done at step %d: %s; %s holds the %s weights.", step, eval_metrics, model_path, weights)
   return eval_metrics

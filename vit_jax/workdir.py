@@ -39,7 +39,7 @@ LOCK_FILE = "lock"
 # differ on resume. The data order does not depend on the mesh or the workers, so those may change too.
 RESUMABLE_KEYS = ("eval_every", "checkpoint_every", "progress_every", "keep_checkpoints", "num_workers",
                   "read_threads", "prefetch", "batch_eval", "tfds_data_dir", "peak_flops", "mesh", "cpu_devices",
-                  "fewshot")
+                  "fewshot", "export_ema")
 # Keys of the update rule that may change on resume, e.g. to get past a NaN: each is a scalar of the schedule or
 # the clipping, read afresh every step, never part of the state's shapes or the data order. A change is logged.
 RECOVERY_KEYS = ("base_lr", "warmup_steps", "grad_norm_clip", "total_steps")

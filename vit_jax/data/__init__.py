@@ -45,6 +45,7 @@ API:
       ...
     source = open_source("digits", "test")  # random access to raw records {'image', 'label', 'id'}
     image, reason = files.load("cat.jpg", {"crop": 224, "resize": None})   # one file, as eval sees it
+    check_pp(config.pp)                     # a UserError naming the bad pp key, before anything is read
 """
 from vit_jax.data import files
 from vit_jax.data.pipeline import DataIterator
@@ -52,6 +53,7 @@ from vit_jax.data.pipeline import host_eval_dataset
 from vit_jax.data.pipeline import host_train_dataset
 from vit_jax.data.pipeline import make_eval_iterator
 from vit_jax.data.pipeline import make_train_iterator
+from vit_jax.data.preprocess import check_pp
 from vit_jax.data.sources import DatasetInfo
 from vit_jax.data.sources import get_dataset_info
 from vit_jax.data.sources import IndexedSource

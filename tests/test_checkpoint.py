@@ -250,6 +250,9 @@ def test_inspect_cli_takes_a_workdir_positional_or_as_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "model: testing" in result.stdout and "run's model: testing (config.json)" in result.stdout
     assert f"file: {tmp_path / 'run' / 'model.npz'}" in result.stdout
+    assert "weights: raw (config.json" in result.stdout  # a run without ema_decay: older runs too
+  (tmp_path / "run" / "config.json").write_text('{"model_name": "testing", "dataset": "digits", "ema_decay": 0.9}')
+  assert "weights: ema (config.json" in run_inspect(str(tmp_path / "run")).stdout
   for args in ([], [str(tmp_path / "run"), f"--checkpoint={tmp_path / 'run'}"]):
     result = run_inspect(*args)
     assert result.returncode == 2 and "Traceback" not in result.stderr

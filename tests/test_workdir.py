@@ -10,9 +10,14 @@ import subprocess
 import sys
 import time
 
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from vit_jax import train, workdir as workdir_lib
+from vit_jax import steps, train, workdir as workdir_lib
 from vit_jax.errors import UserError
 from vit_jax.metrics_writer import MetricsWriter
 
@@ -107,6 +112,44 @@ def test_recovery_keys_may_change_on_resume_and_total_steps_may_not_fall_below_t
     assert json.load(f)["base_lr"] == 5e-4
   with pytest.raises(UserError, match=r"total_steps=4 is below step 8 of the checkpoint"):
     train.train_and_evaluate(_config(base_lr=5e-4, warmup_steps=1, grad_norm_clip=0.0, total_steps=4), workdir)
+
+
+def test_a_run_written_before_the_recipe_keys_resumes_with_them_off(tmp_path):
+  old = json.loads(_config().to_json())
+  for key in workdir_lib.ADDED_KEYS:  # as config.json was written before these keys existed
+    *parents, leaf = key.split(".")
+    section = old
+    for parent in parents:
+      section = section[parent]
+    section.pop(leaf, None)
+  with open(tmp_path / "config.json", "w", encoding="utf-8") as f:
+    json.dump(old, f)
+  workdir_lib.check_config(_config(), str(tmp_path))  # the keys at their defaults: the same computation
+  config = _config(ema_decay=0.9)
+  config.pp.randaug = (2, 5)
+  with pytest.raises(UserError, match=r"different config: ema_decay \(was 0.0, now 0.9\), pp.randaug \(was \[\], "
+                                      r"now \[2, 5\]\)"):
+    workdir_lib.check_config(config, str(tmp_path))
+
+
+def test_a_checkpoint_written_before_the_ema_field_restores_without_it(tmp_path):
+  @flax.struct.dataclass
+  class OldTrainState:  # the train state before `ema_params`, saved as that code saved it
+    step: jax.Array
+    params: dict
+    opt_state: tuple
+    rng: jax.Array
+
+  manager = workdir_lib.checkpoint_manager(str(tmp_path), keep=2, platform="cpu")
+  old = OldTrainState(step=jnp.int32(3), params={"w": jnp.arange(3.0)}, opt_state=(), rng=jax.random.PRNGKey(7))
+  manager.save(3, args=ocp.args.Composite(state=ocp.args.PyTreeSave(old), extra=ocp.args.JsonSave({"data": 1})))
+  manager.wait_until_finished()
+  new = steps.TrainState(step=jnp.int32(0), params={"w": jnp.zeros(3)}, opt_state=(), rng=jax.random.PRNGKey(0))
+  state, extra = workdir_lib.restore_checkpoint(manager, 3, new)
+  manager.close()
+  assert isinstance(state, steps.TrainState) and state.ema_params is None and extra == {"data": 1}
+  np.testing.assert_array_equal(state.params["w"], [0.0, 1.0, 2.0])
+  np.testing.assert_array_equal(state.rng, jax.random.PRNGKey(7))
 
 
 def test_a_corrupt_config_json_is_an_error_saying_how_to_resume(tmp_path):

@@ -146,10 +146,6 @@ def with_pretrained(state, pretrained):
   return state.replace(params=params, ema_params=ema_params)
 
 
-def exported_weights(config):
-  """Which weights model.npz holds: `ema` (the moving average, when `ema_decay` > 0 and `export_ema`) or `raw`."""
-  return "ema" if config.ema_decay > 0 and config.export_ema else "raw"
-
 
 # --- loop helpers ----------------------------------------------------------------------------------------------
 
@@ -413,7 +409,7 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
   if restored_step == step and os.path.exists(model_path):
     logging.info("The run in %s was already complete; %s is up to date.", workdir, model_path)
     return eval_metrics
-  weights = exported_weights(config)
+  weights = workdir_lib.exported_weights(config)
   params = multihost_utils.process_allgather(state.ema_params if weights == "ema" else state.params, tiled=True)
   if jax.process_index() == 0:
     checkpoint.save(params, model_path)

@@ -5,12 +5,14 @@
   metrics.jsonl    one JSON object per logged step (`vit_jax.metrics_writer` writes it, `read_metrics` reads it)
   checkpoints/     orbax: the train state as a PyTree, the data position and pending metrics as JSON; a step that
                    fails to restore is moved aside as `N.corrupt` and the run resumes from the newest good one
-  model.npz        the final parameters in the zoo's format (`vit_jax.checkpoint.load` reads it)
+  model.npz        the final parameters in the zoo's format (`vit_jax.checkpoint.load` reads it): the raw weights or
+                   their EMA, as `exported_weights(config)` says
   curves.png       loss, accuracy and learning rate (drawn by `vit_jax.tools.visualize` after training)
   events.out.*     TensorBoard
   lock             held (flock) by the live run: host, pid and start time; a second run stops at once
 """
 import contextlib
+import dataclasses
 import datetime
 import errno
 import fcntl
@@ -43,6 +45,16 @@ RESUMABLE_KEYS = ("eval_every", "checkpoint_every", "progress_every", "keep_chec
 # Keys of the update rule that may change on resume, e.g. to get past a NaN: each is a scalar of the schedule or
 # the clipping, read afresh every step, never part of the state's shapes or the data order. A change is logged.
 RECOVERY_KEYS = ("base_lr", "warmup_steps", "grad_norm_clip", "total_steps")
+# Keys added after runs were already written, with the value (as JSON) that computes what those runs computed: a
+# config.json without one resumes when the key has this value now, so upgrading vit_jax never strands a run.
+ADDED_KEYS = {"layer_decay": 1.0, "lr_mults": [], "ema_decay": 0.0, "export_ema": True, "pp.randaug": [],
+              "pp.cutmix": 0.0, "pp.mix_switch_prob": 0.5, "model.stochastic_depth": 0.0}
+
+
+def exported_weights(config):
+  """Which weights a run's model.npz holds, from its config (config.json): `ema`, the moving average (`ema_decay` > 0
+  and `export_ema`), or `raw`; runs older than the EMA hold `raw`."""
+  return "ema" if config.get("ema_decay", 0.0) > 0 and config.get("export_ema", True) else "raw"
 
 
 def path(workdir, name):
@@ -156,7 +168,8 @@ def _flat(config_dict, prefix=""):
 
 def check_config(config, workdir):
   """Checks a resumed run's config against the workdir's `config.json`: keys outside RESUMABLE_KEYS and
-  RECOVERY_KEYS must be equal; changed RECOVERY_KEYS are logged as deliberate. No file is no check."""
+  RECOVERY_KEYS must be equal (a key of ADDED_KEYS that either lacks counts as its value there); changed
+  RECOVERY_KEYS are logged as deliberate. No file is no check."""
   config_path = path(workdir, CONFIG_FILE)
   if not os.path.exists(config_path):
     return
@@ -167,7 +180,7 @@ def check_config(config, workdir):
     raise UserError(f"cannot read {config_path} ({' '.join(str(e).split())[:120]}), so this resume cannot be "
                     f"checked against the run's settings; restore the file, or delete it to resume with the "
                     "config you pass") from None
-  old_flat, new_flat = _flat(old), _flat(json.loads(config.to_json()))
+  old_flat, new_flat = {**ADDED_KEYS, **_flat(old)}, {**ADDED_KEYS, **_flat(json.loads(config.to_json()))}
   changed = sorted(k for k in set(old_flat) | set(new_flat)
                    if k.split(".")[0] not in RESUMABLE_KEYS and old_flat.get(k) != new_flat.get(k))
   describe = lambda keys: ", ".join(f"{k} (was {old_flat.get(k)!r}, now {new_flat.get(k)!r})" for k in keys[:8])
@@ -236,18 +249,29 @@ def state_restore_args(target):
   return ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
 
 
+def _stored_fields(state):
+  """What a checkpoint holds of a dataclass state (the TrainState): its fields as a dict, None ones left out, so a
+  field that is off (no EMA) or newer than the checkpoint is simply absent on disk, as before it existed. Other
+  trees are stored as they are."""
+  if not dataclasses.is_dataclass(state):
+    return state
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if getattr(state, f.name) is not None}
+
+
 def save_checkpoint(manager, step, state, extra):
   """Saves `state` and the JSON-able `extra` (data position, pending metrics) as step `step`, in the background."""
   # A deep copy of the JSON part: the save completes in the background while the loop mutates its inputs.
   extra = json.loads(json.dumps(extra))
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), extra=ocp.args.JsonSave(extra)))
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(_stored_fields(state)),
+                                             extra=ocp.args.JsonSave(extra)))
 
 
 def restore_checkpoint(manager, step, target):
   """(state, extra) of checkpoint `step`, the state laid out as `target` (shapes, dtypes, shardings)."""
-  restored = manager.restore(step, args=ocp.args.Composite(state=state_restore_args(target),
+  restored = manager.restore(step, args=ocp.args.Composite(state=state_restore_args(_stored_fields(target)),
                                                             extra=ocp.args.JsonRestore()))
-  return restored.state, restored.extra
+  state = target.replace(**restored.state) if dataclasses.is_dataclass(target) else restored.state
+  return state, restored.extra
 
 
 def _move_aside(step_dir):

@@ -145,7 +145,7 @@ class _TrainRecord:
     raise UserError(f"no readable image in split {self.source.description!r}, e.g. {skipped[0]}")
 
 
-class _MixupBatch:
+class _MixBatch:
   """Picklable batch op: mixup / cutmix with a generator seeded by the batch's first global position."""
 
   def __init__(self, mix, seed):
@@ -180,7 +180,7 @@ def _train_dataset(source, pp, *, seed, local_batch, process_index, process_coun
   ds = ds.batch(local_batch, drop_remainder=True, batch_fn=stack_examples)
   mix = pp_lib.MixBatch.from_pp(pp, len(source.class_names))
   if mix is not None:
-    ds = ds.map(_MixupBatch(mix, _seed(seed)))
+    ds = ds.map(_MixBatch(mix, _seed(seed)))
   return _mp(ds, num_workers)
 
 

@@ -11,7 +11,7 @@ from clu import parameter_overview
 import jax
 import numpy as np
 
-from vit_jax import models
+from vit_jax import models, workdir
 from vit_jax.errors import UserError
 from vit_jax.models import geometry, zoo
 from vit_jax.tools import cli, trained_model
@@ -83,6 +83,7 @@ def inspect(path):
   if run_config is not None:
     overrides = " with the overrides of its `model` section" if run_config.get("model") else ""
     print(f"run's model: {run_config.model_name}{overrides} (config.json)")
+    print(f"weights: {workdir.exported_weights(run_config)} (config.json: ema_decay, export_ema)")
   if zoo.POSEMB_KEY in flat:
     print(f"position embedding: {flat[zoo.POSEMB_KEY].shape[1]} tokens")
   if "head/kernel" in flat:

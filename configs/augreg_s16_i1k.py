@@ -11,8 +11,9 @@ The AugReg paper gives this setting's i1k accuracy only in its figures and in gs
 the published numbers nearest to it are 80% ("Better plain ViT baselines", Beyer et al. 2022: the same augmentation
 on S/16 for 300 epochs, with global pooling and sin-cos position embeddings at batch 1024) and 78.8% for AugReg's
 released `S_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0` (the stronger medium2: RandAugment(2, 15),
-mixup 0.5; timm's results-imagenet.csv, after AugReg's 20k-step fine-tune at 224 px). Needs a pod slice or a
-multi-GPU box (docs/recipes.md: the recipe's pieces and what differs from the reference).
+mixup 0.5; timm's results-imagenet.csv, after AugReg's 20k-step fine-tune at 224 px). Our RandAugment is the
+paper's 14 ops with monotone magnitudes, not big_vision's 16 (docs/recipes.md lists what differs), so the number
+is an expectation, not a reproduction yet. Needs a pod slice or a multi-GPU box.
 """
 from configs import common
 

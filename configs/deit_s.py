@@ -9,8 +9,8 @@ reports worth about +0.1). The recipe of deit's main.py: batch 1024, AdamW lr 5e
 5 warmup epochs, cosine, no clipping, RandAugment rand-m9-mstd0.5-inc1, mixup 0.8, CutMix 1.0 (one of them per
 batch, switch probability 0.5), label smoothing 0.1, drop path 0.1, EMA 0.99996, resize 256 + central 224 crop at
 evaluation. Not here yet, so expect a lower number until they are: random erasing (0.25), repeated augmentation (3
-repeats), RandAugment's magnitude noise (mstd 0.5) and per-op probability 0.5, bicubic resizing, and the final
-learning rate of 1e-5 (ours decays to 0). docs/recipes.md lists the pieces.
+repeats), timm's RandAugment variant (magnitude noise mstd 0.5, per-op probability 0.5, its op set), bicubic and
+aspect-preserving resizing, and the final learning rate of 1e-5 (ours decays to 0). docs/recipes.md lists them.
 """
 from configs import common
 
@@ -26,7 +26,7 @@ def get_config():
   config.pp.test = "validation"
   config.pp.crop = 224
   config.pp.resize = 256
-  config.pp.augment = "inception_crop"  # DeiT's RandomResizedCrop(0.08-1) + flip
+  config.pp.augment = "inception_crop"  # area 0.05-1 + flip; DeiT's RandomResizedCrop takes 0.08-1
   config.pp.randaug = (2, 9)
   config.pp.mixup = 0.8
   config.pp.cutmix = 1.0

@@ -242,7 +242,7 @@ def test_dropout_is_active_only_in_training():
   assert not np.allclose(train, eval_a)
 
 
-@pytest.mark.parametrize("scan_layers,remat", [(False, "none"), (True, "none"), (True, "full")])
+@pytest.mark.parametrize("scan_layers,remat", [(False, "none"), (False, "full"), (True, "none"), (True, "full")])
 def test_stochastic_depth_drops_whole_branches_per_example_with_the_linear_rule(scan_layers, remat):
   # Two layers: the linear rule gives block 0 rate 0 and block 1 the full rate. In training each example's output
   # must equal the numpy reference with block 1's attention and MLP branches each dropped (x0) or kept

@@ -324,7 +324,6 @@ def test_the_whole_recipe_trains_resumes_exactly_and_exports_the_chosen_weights(
   jax.tree.map(np.testing.assert_array_equal, checkpoint.load(os.path.join(resumed, "model.npz")),
                checkpoint.load(os.path.join(workdir, "model.npz")))
   # export_ema may change on resume: the complete run exports its raw weights instead.
-  os.remove(os.path.join(workdir, "model.npz"))
   config.export_ema = False
   train.train_and_evaluate(config, workdir)
   exported = evaluate.evaluate(trained_model.load(workdir))

@@ -132,6 +132,12 @@ def test_a_run_written_before_the_recipe_keys_resumes_with_them_off(tmp_path):
     workdir_lib.check_config(config, str(tmp_path))
 
 
+def test_learning_rate_factors_may_change_on_resume_to_unfreeze(tmp_path):
+  with open(tmp_path / "config.json", "w", encoding="utf-8") as f:
+    f.write(_config(lr_mults=((".*", 0.0),), layer_decay=0.5).to_json())
+  workdir_lib.check_config(_config(), str(tmp_path))  # logged, not refused: the state is the same
+
+
 def test_a_checkpoint_written_before_the_ema_field_restores_without_it(tmp_path):
   @flax.struct.dataclass
   class OldTrainState:  # the train state before `ema_params`, saved as that code saved it

@@ -297,6 +297,7 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
     if restored_step is not None and restored_step > config.total_steps:
       raise UserError(f"total_steps={config.total_steps} is below step {restored_step} of the checkpoint in "
                       f"{workdir}; pass --config.total_steps={restored_step} or more, or a new --workdir")
+    exported_before = workdir_lib.exported_weights(workdir_lib.previous_config(workdir) or {})  # export_ema may change
     workdir_lib.write_config(config, workdir)  # once the resume checks passed
     crop = crop_at(config, 0 if restored_step is None else restored_step - 1)
     init_fn = steps.make_init_fn(model, tx, crop, ema=ema)
@@ -406,10 +407,10 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
     logging.info("Stopped at step %d after a signal; rerun the same command to resume.", step)
     return eval_metrics
   model_path = workdir_lib.path(workdir, workdir_lib.MODEL_FILE)
-  if restored_step == step and os.path.exists(model_path):
+  weights = workdir_lib.exported_weights(config)
+  if restored_step == step and os.path.exists(model_path) and weights == exported_before:
     logging.info("The run in %s was already complete; %s is up to date.", workdir, model_path)
     return eval_metrics
-  weights = workdir_lib.exported_weights(config)
   params = multihost_utils.process_allgather(state.ema_params if weights == "ema" else state.params, tiled=True)
   if jax.process_index() == 0:
     checkpoint.save(params, model_path)

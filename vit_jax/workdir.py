@@ -42,9 +42,10 @@ LOCK_FILE = "lock"
 RESUMABLE_KEYS = ("eval_every", "checkpoint_every", "progress_every", "keep_checkpoints", "num_workers",
                   "read_threads", "prefetch", "batch_eval", "tfds_data_dir", "peak_flops", "mesh", "cpu_devices",
                   "fewshot", "export_ema")
-# Keys of the update rule that may change on resume, e.g. to get past a NaN: each is a scalar of the schedule or
-# the clipping, read afresh every step, never part of the state's shapes or the data order. A change is logged.
-RECOVERY_KEYS = ("base_lr", "warmup_steps", "grad_norm_clip", "total_steps")
+# Keys of the update rule that may change on resume, e.g. to get past a NaN or to unfreeze parameters: scalars of the
+# schedule, the clipping or the per-parameter learning-rate factors, never part of the state's shapes or the data
+# order. A change is logged.
+RECOVERY_KEYS = ("base_lr", "warmup_steps", "grad_norm_clip", "total_steps", "layer_decay", "lr_mults")
 # Keys added after runs were already written, with the value (as JSON) that computes what those runs computed: a
 # config.json without one resumes when the key has this value now, so upgrading vit_jax never strands a run.
 ADDED_KEYS = {"layer_decay": 1.0, "lr_mults": [], "ema_decay": 0.0, "export_ema": True, "pp.randaug": [],
@@ -166,20 +167,28 @@ def _flat(config_dict, prefix=""):
   return flat
 
 
-def check_config(config, workdir):
-  """Checks a resumed run's config against the workdir's `config.json`: keys outside RESUMABLE_KEYS and
-  RECOVERY_KEYS must be equal (a key of ADDED_KEYS that either lacks counts as its value there); changed
-  RECOVERY_KEYS are logged as deliberate. No file is no check."""
+def previous_config(workdir):
+  """The config.json of the run a resume continues, as a dict, or None when there is none (a fresh start); a
+  UserError when it cannot be read."""
   config_path = path(workdir, CONFIG_FILE)
   if not os.path.exists(config_path):
-    return
+    return None
   try:
     with open(config_path, encoding="utf-8") as f:
-      old = json.load(f)
+      return json.load(f)
   except (ValueError, OSError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
     raise UserError(f"cannot read {config_path} ({' '.join(str(e).split())[:120]}), so this resume cannot be "
                     f"checked against the run's settings; restore the file, or delete it to resume with the "
                     "config you pass") from None
+
+
+def check_config(config, workdir):
+  """Checks a resumed run's config against the workdir's `config.json`: keys outside RESUMABLE_KEYS and
+  RECOVERY_KEYS must be equal (a key of ADDED_KEYS that either lacks counts as its value there); changed
+  RECOVERY_KEYS are logged as deliberate. No file is no check."""
+  old = previous_config(workdir)
+  if old is None:
+    return
   old_flat, new_flat = {**ADDED_KEYS, **_flat(old)}, {**ADDED_KEYS, **_flat(json.loads(config.to_json()))}
   changed = sorted(k for k in set(old_flat) | set(new_flat)
                    if k.split(".")[0] not in RESUMABLE_KEYS and old_flat.get(k) != new_flat.get(k))
@@ -237,11 +246,15 @@ def checkpoint_manager(workdir, *, keep, platform):
   replica_parallel = False if platform == "cpu" else None
   registry = ocp.type_handlers.create_type_handler_registry(
       (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=replica_parallel)))
-  return ocp.CheckpointManager(
+  manager = ocp.CheckpointManager(
       os.path.abspath(path(workdir, CHECKPOINT_DIR)),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True),
       item_handlers={"state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
                      "extra": ocp.JsonCheckpointHandler()})
+  # Orbax removes unfinished saves in a background thread that `close` does not wait for: a run that stops on an
+  # error at once would leave it running into interpreter shutdown, which prints a traceback after our error line.
+  getattr(manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+  return manager
 
 
 def state_restore_args(target):

@@ -6,8 +6,8 @@ and process p of P loads rows [p*B/P, (p+1)*B/P) of every global batch. Augmenta
 from a generator seeded by (seed, g). So step s sees the same examples, augmented the same way, on 1 process or
 64, and the iterator state is one number, the global batches handed out, which any topology can resume from.
 Mixup / cutmix mix within a process's rows, with a generator seeded by their first position: resumes are exact
-too. A corrupt image is replaced by the next readable example of the order (and counted), so positions never
-shift.
+with the same number of processes (another number mixes other pairs, equally at random). A corrupt image is
+replaced by the next readable example of the order (and counted), so positions never shift.
 
   range(local positions from the resume point) -> map(position -> example)        (grain MapDataset)
     -> to_iter_dataset(reader threads) -> batch(B/P) [-> mixup | cutmix] -> mp_prefetch(num_workers)

@@ -176,6 +176,17 @@ POSEMB = f"{VISUALIZE} posemb --checkpoint=ViT-B_16.npz --output=posemb.png"
 FILTERS = f"{VISUALIZE} filters --checkpoint=ViT-B_16.npz --output=filters.png"
 DISTANCE = f"{VISUALIZE} distance --checkpoint=runs/quickstart --dataset=digits --num_images=64"
 CURVES = f"{VISUALIZE} curves --workdir=runs/quickstart"
+RECIPE = ("python -m vit_jax.main --config=configs/quickstart.py --workdir=runs/recipe --config.pp.randaug=2,5 "
+          "--config.pp.cutmix=1.0 --config.model.stochastic_depth=0.1 --config.ema_decay=0.99")
+B16_LAYER_DECAY = ("python -m vit_jax.main --config=configs/vit_b16.py --workdir=runs/b16_ld "
+                   "--config.pretrained_path=ViT-B_16.npz --config.layer_decay=0.75")
+B16_HEAD_ONLY = ("python -m vit_jax.main --config=configs/vit_b16.py --workdir=runs/b16_head "
+                 "--config.pretrained_path=ViT-B_16.npz --config.lr_mults='((\"head/.*\", 1.0), (\".*\", 0.0))'")
+# The zoo fine-tuning config on the scratch image folder, its ViT-B_16.npz stand-in being the one-layer `testing`.
+B16_ON_FOLDER = (("configs/vit_b16.py", "configs/vit_b16.py:folder"),)
+B16_TINY = ("--config.model_name=testing --config.pp.crop=32 --config.batch=8 --config.batch_eval=8 "
+            "--config.total_steps=2 --config.warmup_steps=1 --config.eval_every=0 --config.checkpoint_every=0 "
+            "--config.peak_flops=1e12")
 # Near-duplicates: a command whose flags another entry runs (or are the defaults there) is covered by it.
 SAME_FLAGS = "the same flags, or their defaults, run"
 BATCH_0_COST = ("too slow for this file: the --batch=0 search compiles 5-8 scanned, rematerialised train steps (~50 s "
@@ -281,6 +292,17 @@ TABLE_ROWS = [
      "launch/gpu_benchmarks.sh b16 $OUT/b16.jsonl",
      Skip("a GPU device-machine command, with wheels downloaded first; its suite runs here as "
           "`launch/gpu_benchmarks.sh b16 FILE --dry-run`")),
+    (DATA_BENCH_JPEG + " --randaug=2,10", Run(sub=(("/tmp/jpegs", "jpegs"),), tiny="--num_images=8 --workers=0 "
+                                             "--seconds=0.2 --batch=4 --crop=16", output=r"randaug=2,10(.|\n)*"
+                                                                                        r"workers=0: \d+ img/s")),
+    # docs/recipes.md
+    (RECIPE, Run(tiny=TRAIN_TINY, files=("runs/recipe/model.npz",), output=r"holds the ema weights")),
+    ("python -m vit_jax.main --config=configs/quickstart.py --workdir=runs/digits/randaug-0 --config.seed=0 "
+     "--config.ema_decay=0.99 --config.pp.randaug=2,5", covered(RECIPE, why=f"{SAME_FLAGS} (with other values)")),
+    (B16_LAYER_DECAY, Run(sub=B16_ON_FOLDER, tiny=B16_TINY, files=("runs/b16_ld/model.npz",),
+                          output=r"Done at step 2")),
+    (B16_HEAD_ONLY, Run(sub=B16_ON_FOLDER, tiny=B16_TINY, files=("runs/b16_head/model.npz",),
+                        output=r"Done at step 2")),
     # docs/scaling.md
     (CHECK_DISTRIBUTED, Run(output=r'"process_count": 2, "local_devices": 4, "global_devices": 8, "psum": 28')),
     (MEMORY_SCALING, Run(output=re.escape("per device of mesh {'data': 16, 'fsdp': 16, 'tensor': 1}, batch 4096 at "

@@ -50,7 +50,7 @@ def digits_evaluation():
   params = random_params(model)
   evaluator = fewshot.FewShotEvaluator(dataset="digits", pp={"crop": 16, "resize": None}, shots=(1, 5, 10), seeds=2,
                                        batch=128)
-  return model, params, evaluator, evaluator(params, model)
+  return model, params, evaluator, evaluator({"params": params}, model)
 
 
 @pytest.mark.slow
@@ -82,11 +82,11 @@ def test_digits_few_shot_beats_chance_and_matches_hand_computation(digits_evalua
 @pytest.mark.slow
 def test_evaluator_is_deterministic_and_refuses_unpooled_models(digits_evaluation):
   model, params, evaluator, metrics = digits_evaluation
-  assert evaluator(params, model) == metrics  # deterministic, cached images
+  assert evaluator({"params": params}, model) == metrics  # deterministic, cached images
   unpooled = tiny_model(num_classes=0, classifier="unpooled")
   unpooled_params = random_params(unpooled)
   with pytest.raises(UserError, match="pooled model"):
-    evaluator(unpooled_params, unpooled)
+    evaluator({"params": unpooled_params}, unpooled)
   with pytest.raises(UserError, match="shots"):
     fewshot.FewShotEvaluator(dataset="digits", pp={"crop": 16}, shots=(0,))
 

@@ -16,6 +16,11 @@ ZOO_PARAMETER_COUNTS = {
     "ViT-L_32": 306_535_400, "R+ViT-Ti_16": 6_337_704, "R50+ViT-B_16": 98_659_112, "R26+ViT-B_32": 101_383_976,
     "R26+ViT-S_32": 36_431_912, "R50+ViT-L_32": 328_994_856,
 }
+# timm's resnetv2_*_bit at 1000 classes (the issue's table).
+BIT_PARAMETER_COUNTS = {
+    "BiT-R50x1": 25_549_352, "BiT-R50x3": 217_319_080, "BiT-R101x1": 44_541_480, "BiT-R101x3": 387_934_888,
+    "BiT-R152x2": 236_335_208, "BiT-R152x4": 936_533_224,
+}
 # Plain ViTs not in that list: (hidden, mlp, layers, patch, class token) for the count by formula below.
 OTHER_VITS = {
     "ViT-S_16-gap-norep": (384, 1536, 12, 16, False), "ViT-B_16-gap-norep": (768, 3072, 12, 16, False),
@@ -40,14 +45,42 @@ def count(shapes):
   return sum(int(np.prod(s)) for s in shapes.values())
 
 
+def course_cnn_count(classes=10, image=32):
+  """The course CNN by hand: 3x3 convs with bias, BatchNorm scale and offset, dense layers on the 8x-pooled map."""
+  convs = [(3, 32), (32, 64), (64, 128), (128, 128), (128, 256), (256, 256)]
+  conv = sum(9 * i * o + o for i, o in convs)
+  batchnorm = 2 * (64 + 128 + 256)
+  flat = (image // 8) ** 2 * 256
+  return conv + batchnorm + flat * 1024 + 1024 + 1024 * 512 + 512 + 512 * classes + classes
+
+
 # The registry's own resolution for models that are not zoo models at 224 px.
-NATIVE_IMAGE_SIZE = {"ViT-CIFAR_4": 32}
+NATIVE_IMAGE_SIZE = {"ViT-CIFAR_4": 32, "CNN-CIFAR": 32}
 
 
 def expected_count(name, image_size):
   if name in ZOO_PARAMETER_COUNTS:
     return ZOO_PARAMETER_COUNTS[name]
+  if name in BIT_PARAMETER_COUNTS:
+    return BIT_PARAMETER_COUNTS[name]
+  if name == "CNN-CIFAR":
+    return course_cnn_count(classes=1000, image=image_size)
   return count_by_formula(*OTHER_VITS[name], image=image_size)
+
+
+def feature_width(config):
+  """The width of the pre-logit features: the ViT's hidden size, BiT's 2048 x width, the course CNN's 512."""
+  kind = models.family(config)
+  if kind == "bit":
+    return 2048 * config.width_factor
+  return 512 if kind == "cnn" else config.hidden_size
+
+
+def test_course_cnn_has_the_courses_parameter_count():
+  """5.9M on 32-px CIFAR-10 (the course's figure), batch statistics not counted."""
+  assert course_cnn_count() == 5_852_234
+  shapes = param_shapes(models.get_model("CNN-CIFAR", num_classes=10), (1, 32, 32, 3))
+  assert count(shapes) == 5_852_234
 
 
 def _slow_if_large(name):
@@ -63,17 +96,21 @@ def test_every_registry_model_builds_inits_and_runs_forward_at_its_native_size(n
   config = models.get_model_config(name)
   images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
   model = models.get_model(name, num_classes=1000)
-  params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)["params"]
+  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+  params = variables["params"]
   assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params)) == expected_count(name, size)
-  tokens = models.num_tokens(config, size)
-  assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, tokens, config.hidden_size)
-  assert jax.eval_shape(lambda p, x: model.apply({"params": p}, x, train=False), params, images).shape == (2, 1000)
+  if models.family(config) == "vit":
+    tokens = models.num_tokens(config, size)
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, tokens, config.hidden_size)
+  assert jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images).shape == (2, 1000)
   features = models.get_model(name, num_classes=0)
-  assert jax.eval_shape(lambda p, x: features.apply({"params": p}, x), params, images).shape == (2, config.hidden_size)
+  features_shape = jax.eval_shape(lambda v, x: features.apply(v, x), variables, images).shape
+  assert features_shape == (2, feature_width(config))
 
 
 def test_registry_covers_zoo_and_augreg_names():
-  assert set(ZOO_PARAMETER_COUNTS) | set(OTHER_VITS) == set(models.model_names())
+  assert set(ZOO_PARAMETER_COUNTS) | set(OTHER_VITS) | set(BIT_PARAMETER_COUNTS) | {"CNN-CIFAR"} == set(
+      models.model_names())
   assert models.canonical_name("B_16") == "ViT-B_16"
   assert models.canonical_name("R_Ti_16") == "R+ViT-Ti_16"
   assert models.canonical_name("R26_S_32") == "R26+ViT-S_32"

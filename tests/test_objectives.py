@@ -28,6 +28,8 @@ def test_supervised_loss_fn_is_the_mean_cross_entropy_and_accuracy_of_the_batch(
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   objective = supervised.Supervised()
   assert objective.num_outputs(3) == 3 and objective.classifies
-  loss, metrics = objective.loss_fn(model, params, {"image": images, "label": labels}, jax.random.PRNGKey(2))
+  loss, (metrics, model_state) = objective.loss_fn(model, {"params": params}, {"image": images, "label": labels},
+                                                   jax.random.PRNGKey(2))
+  assert model_state == {}
   np.testing.assert_allclose(loss, -log_probs[np.arange(4), labels].mean(), rtol=1e-5)
   np.testing.assert_allclose(metrics["train_accuracy"], np.mean(logits.argmax(-1) == np.asarray(labels)))

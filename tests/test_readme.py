@@ -32,7 +32,11 @@ def test_python_examples_run(tmp_path, monkeypatch):
 
 def test_model_table_matches_registry():
   rows = re.findall(r"^\| `([^`]+)` \| ([^|]+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| ([\d,]+) \|", README, re.M)
-  assert [row[0] for row in rows] == models.model_names()
+  cnn_rows = re.findall(r"^\| `([^`]+)` \| (BiT ResNet-v2|course CNN) \| [^|]+ \| [^|]+ \| ([\d,]+) ", README, re.M)
+  assert [row[0] for row in rows] + [row[0] for row in cnn_rows] == models.model_names()
+  for name, _, params in cnn_rows:
+    expected = test_models.course_cnn_count() if name == "CNN-CIFAR" else test_models.expected_count(name, 224)
+    assert expected == int(params.replace(",", ""))
   for name, _, hidden, mlp, heads, layers, params in rows:
     config = models.get_model_config(name)
     assert (config.hidden_size, config.transformer.mlp_dim, config.transformer.num_heads,

@@ -25,6 +25,7 @@ from vit_jax.errors import UserError
 from vit_jax.evaluators import classification, fewshot
 from vit_jax.metrics_writer import MetricsWriter
 from vit_jax.models import precision
+from vit_jax.models import state as model_state_lib
 from vit_jax.models.vit import warn_if_remat_saves_nothing
 
 # --- from the config: the loop's one adapter to the explicit arguments of the rooms below ---------------------
@@ -57,15 +58,13 @@ def check_objective_data(objective, pp):
 
 def model_config_from(config):
   """The registry config of `config.model_name` with the overrides of `config.model` applied."""
-  model_config = models.get_model_config(config.model_name)
-  model_config.update(config.model.to_dict())
-  return model_config
+  return models.get_model_config(config.model_name, **config.model.to_dict())
 
 
 def create_model(config, num_classes, platform):
   """The model of `config`, computing in `config.dtype` as resolved for `platform`."""
   dtype = precision.DTYPES[precision.resolve_dtype(config.dtype, platform)]
-  return models.get_model(config.model_name, num_classes=num_classes, dtype=dtype, **config.model.to_dict())
+  return models.build(model_config_from(config), num_classes=num_classes, dtype=dtype)
 
 
 def cpu_split_args(config):
@@ -326,7 +325,7 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
     eval_step = None
     if objective.classifies:
       eval_step = classification.make_eval_step(model, loss=objective.loss, mesh=mesh,
-                                                param_shardings=state_shardings.params)
+                                                variable_shardings=state_shardings.variables())
     num_outputs = objective.num_outputs(num_classes)
     flops_per_image = lambda crop: flops.train_flops_per_image(model_config, crop, num_outputs)
     peak = config.peak_flops or flops.peak_flops(model.dtype)
@@ -361,14 +360,14 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
                         grad_norm_clip=config.grad_norm_clip)
           periodic = {}  # evaluations due at this step; skipped when stopping early, to save within the grace period
           if eval_step is not None and (_due(step, config.eval_every) or final) and (final or not stopping):
-            result = classification.evaluate(eval_step, state.params, eval_iterator(config, crop, mesh))
+            result = classification.evaluate(eval_step, state.variables(), eval_iterator(config, crop, mesh))
             eval_metrics = {"test_loss": result["loss"], "test_accuracy": result["accuracy"]}
             if ema:  # the averaged weights, scored beside the raw ones
-              result = classification.evaluate(eval_step, state.ema_params, eval_iterator(config, crop, mesh))
+              result = classification.evaluate(eval_step, state.variables(ema=True), eval_iterator(config, crop, mesh))
               eval_metrics.update(test_loss_ema=result["loss"], test_accuracy_ema=result["accuracy"])
             periodic.update(eval_metrics)
           if fewshot_eval and (_due(step, config.fewshot.every) or final) and (final or not stopping):
-            periodic.update(fewshot_eval(state.params, model))
+            periodic.update(fewshot_eval(state.variables(), model))
           if log:
             now = time.perf_counter()
             record = _train_record(pending, step - last_step, now - last_time, config.batch,
@@ -411,8 +410,9 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
   if restored_step == step and os.path.exists(model_path) and weights == exported_before:
     logging.info("The run in %s was already complete; %s is up to date.", workdir, model_path)
     return eval_metrics
-  params = multihost_utils.process_allgather(state.ema_params if weights == "ema" else state.params, tiled=True)
+  params, model_state = multihost_utils.process_allgather(
+      (state.ema_params if weights == "ema" else state.params, state.model_state), tiled=True)
   if jax.process_index() == 0:
-    checkpoint.save(params, model_path)
+    checkpoint.save(model_state_lib.merge(params, model_state), model_path)
   logging.info("Done at step %d: %s; %s holds the %s weights.", step, eval_metrics, model_path, weights)
   return eval_metrics

@@ -10,23 +10,24 @@ from vit_jax import sharding
 from vit_jax.objectives.supervised import correct, per_example_loss
 
 
-def make_eval_step(model, *, loss, mesh, param_shardings):
-  """jitted (params, batch) -> masked sums of the loss and of correct predictions, and the count of real examples."""
-  def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["image"], train=False)
+def make_eval_step(model, *, loss, mesh, variable_shardings):
+  """jitted (variables, batch) -> masked sums of the loss and of correct predictions, and the count of real
+  examples; `variables` as `model.apply` takes them (`models.state.variables(params, model_state)`)."""
+  def eval_step(variables, batch):
+    logits = model.apply(variables, batch["image"], train=False)
     mask = batch["mask"]
     return {"loss": jnp.sum(per_example_loss(logits, batch["label"], loss=loss) * mask),
             "correct": jnp.sum(correct(logits, batch["label"]) * mask),
             "count": jnp.sum(mask)}
-  return jax.jit(eval_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+  return jax.jit(eval_step, in_shardings=(variable_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=NamedSharding(mesh, P()))
 
 
-def evaluate(eval_step, params, batches, on_batch=None):
+def evaluate(eval_step, variables, batches, on_batch=None):
   """{'loss', 'accuracy', 'count'} over `batches` (an eval iterator); `on_batch()` is called after each batch."""
   totals = None
   for batch in batches:
-    sums = eval_step(params, batch)
+    sums = eval_step(variables, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if on_batch is not None:
       on_batch()

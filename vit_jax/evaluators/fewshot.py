@@ -11,7 +11,7 @@ Build the evaluator once (it caches the preprocessed images) and call it with th
 training loop does so every `config.fewshot.every` steps, `python -m vit_jax.tools.fewshot` once:
 
   evaluator = FewShotEvaluator(dataset="digits", pp={"crop": 16}, shots=(1, 5))
-  metrics = evaluator(state.params, model)               # {'fewshot_5shot_accuracy': ..., ...}
+  metrics = evaluator(state.variables(), model)          # {'fewshot_5shot_accuracy': ..., ...}
 """
 from absl import logging
 import jax
@@ -71,19 +71,27 @@ def draw_shots(labels, num_classes, max_shots, seed):
 # --- features ----------------------------------------------------------------------------------------------------
 
 
-def features_fn(model, batch):
-  """(params, images) -> pre-logit features, in fixed-size batches (one compilation)."""
-  features_model = model.clone(num_classes=0)
-  apply = jax.jit(lambda p, x: features_model.apply({"params": p}, x, train=False))
+def _without_head(tree):
+  """The variables without the classifier (`head`, or BiT's `resnet/head`): the features model has none."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: _without_head(v) for k, v in tree.items() if k != "head"}
 
-  def compute(params, images):
-    params = {k: v for k, v in params.items() if k != "head"}
+
+def features_fn(model, batch):
+  """(variables, images) -> pre-logit features, in fixed-size batches (one compilation); `variables` as
+  `model.apply` takes them."""
+  features_model = model.clone(num_classes=0)
+  apply = jax.jit(lambda v, x: features_model.apply(v, x, train=False))
+
+  def compute(variables, images):
+    variables = _without_head(variables)
     out = []
     for start in range(0, len(images), batch):
       chunk = images[start:start + batch]
       padded = np.zeros((batch, *chunk.shape[1:]), np.float32)
       padded[:len(chunk)] = chunk
-      out.append(np.asarray(apply(params, jnp.asarray(padded)))[:len(chunk)])
+      out.append(np.asarray(apply(variables, jnp.asarray(padded)))[:len(chunk)])
     features = np.concatenate(out)
     if features.ndim != 2:
       raise UserError(f"model gives features of shape {features.shape[1:]} per image, not a vector; few-shot "
@@ -104,7 +112,7 @@ def _load_images(source, indices, pp):
 
 
 class FewShotEvaluator:
-  """Holds the preprocessed support (all seeds) and test images; `__call__(params, model)` -> metrics."""
+  """Holds the preprocessed support (all seeds) and test images; `__call__(variables, model)` -> metrics (`variables` as `model.apply` takes them)."""
 
   def __init__(self, *, dataset, pp, train_split="train", test_split="test", shots=DEFAULT_SHOTS,
                seeds=DEFAULT_SEEDS, l2_reg=DEFAULT_L2_REG, batch=256, tfds_data_dir=None):
@@ -133,12 +141,12 @@ class FewShotEvaluator:
     logging.info("Few-shot on %s: %d support and %d test images, shots %s, %d seeds.", self.dataset,
                  len(self.support_indices), len(self.test_labels), self.shots, self.seeds)
 
-  def __call__(self, params, model):
+  def __call__(self, variables, model):
     if model is not self._model:
       self._model, self._features = model, features_fn(model, self.batch)
     compute = self._features
-    support = compute(params, self.support_images)
-    test = compute(params, self.test_images)
+    support = compute(variables, self.support_images)
+    test = compute(variables, self.test_images)
     row = {index: position for position, index in enumerate(self.support_indices)}
     metrics = {}
     for k in self.shots:

@@ -1,14 +1,27 @@
-"""Named model configurations: every model-zoo name, its AugReg alias, and a few extra models.
+"""Named model configurations: every model-zoo name, its AugReg alias, the BiT ResNets and a few extra models.
 
-Sizes and zoo names are data: `_SIZES` gives the transformer of each width, `_MODELS` one row per name.
-`get_model_config(name)` returns a fresh, unlocked `ConfigDict` holding exactly the `VisionTransformer` fields.
+Sizes and zoo names are data: `_SIZES` gives the transformer of each width, `_MODELS` one row per ViT name,
+`_CNNS` one row per convolutional model with its family. `get_model_config(name)` returns a fresh, unlocked
+`ConfigDict` holding exactly the fields of the name's module class (`FAMILIES`); `family(model_config)` says which.
 """
 import difflib
 
 import ml_collections
 
 from vit_jax.errors import UserError
+from vit_jax.models.bit import BLOCK_UNITS, BiTResNet
+from vit_jax.models.cnn import CourseCNN
 from vit_jax.models.vit import VisionTransformer
+
+# family: (module class, what it is called in messages)
+FAMILIES = {
+    "vit": (VisionTransformer, "a Vision Transformer"),
+    "bit": (BiTResNet, "a BiT ResNet-v2"),
+    "cnn": (CourseCNN, "a plain CNN"),
+}
+# ViT options and the value at which they are off: a convolutional model accepts them only off (the training
+# config always carries them).
+VIT_OPTIONS = {"remat": "none", "scan_layers": False, "fused_attention": False, "stochastic_depth": 0.0}
 
 # size: (hidden_size, mlp_dim, num_heads, num_layers)
 _SIZES = {
@@ -46,6 +59,14 @@ _MODELS = {
     "ViT-CIFAR_4": dict(size=(256, 512, 8, 6), patch=4, dropout=0.2),
 }
 
+# Convolutional models: name -> (family, fields).
+_CNNS = {
+    **{f"BiT-R{depth}x{width}": ("bit", dict(block_units=BLOCK_UNITS[depth], width_factor=width))
+       for depth, width in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))},
+    # The from-scratch course's CNN baseline (conv 32-64, 128-128, 256-256, BatchNorm, dense 1024-512).
+    "CNN-CIFAR": ("cnn", {}),
+}
+
 # The AugReg release ("How to train your ViT?") names files `B_16-i21k-300ep-...npz`, `R26_S_32-...npz`.
 _NOT_IN_AUGREG = ("testing", "ViT-CIFAR_4", "ViT-L_32", "R50+ViT-B_16", "ViT-H_14")
 AUGREG_ALIASES = {
@@ -54,6 +75,9 @@ AUGREG_ALIASES = {
 
 
 def _build(name):
+  if name in _CNNS:
+    family_name, fields = _CNNS[name]
+    return ml_collections.ConfigDict(dict(model_name=name, family=family_name, **fields))
   row = _MODELS[name]
   hidden_size, mlp_dim, num_heads, num_layers = _SIZES.get(row["size"], row["size"])
   config = ml_collections.ConfigDict()
@@ -72,39 +96,66 @@ def _build(name):
 
 def model_names():
   """Canonical names, in table order (AugReg aliases not repeated)."""
-  return list(_MODELS)
+  return list(_MODELS) + list(_CNNS)
+
+
+def family(model_config):
+  """'vit', 'bit' or 'cnn': the module family of a model config (the registry's, or one read off a file)."""
+  return model_config.get("family", "vit")
+
+
+def family_description(model_config):
+  return f"{model_config.get('model_name') or 'the model'} ({FAMILIES[family(model_config)][1]})"
 
 
 def canonical_name(name):
   """`ViT-B_16` for `ViT-B_16` or its AugReg alias `B_16`; ValueError naming the closest names otherwise."""
-  if name in _MODELS:
+  if name in _MODELS or name in _CNNS:
     return name
   if name in AUGREG_ALIASES:
     return AUGREG_ALIASES[name]
-  known = list(_MODELS) + list(AUGREG_ALIASES)
+  known = model_names() + list(AUGREG_ALIASES)
   close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-  hint = f"did you mean {' or '.join(close)}?" if close else f"known models: {', '.join(_MODELS)}"
+  hint = f"did you mean {' or '.join(close)}?" if close else f"known models: {', '.join(model_names())}"
   raise UserError(f"unknown model name {name!r}; {hint}")
 
 
-def get_model_config(name):
-  """A fresh `ConfigDict` of `VisionTransformer` fields for a zoo name or AugReg alias."""
-  return _build(canonical_name(name))
-
-
-def get_model(name, *, num_classes, **overrides):
-  """`VisionTransformer` for a registry name; `overrides` replace config fields (nested ones by dict)."""
-  config = get_model_config(name)
-  fields = set(VisionTransformer.__dataclass_fields__) - {"parent", "name", "num_classes"}
+def get_model_config(name, **overrides):
+  """A fresh `ConfigDict` of the module's fields for a registry name or AugReg alias, with `overrides` applied
+  (nested ones by dict); `family` names the module class for a convolutional model. ViT options at their off
+  value are dropped for a CNN, any other value is a UserError naming it; so are unknown fields and values out of
+  range."""
+  config = _build(canonical_name(name))
+  kind = family(config)
+  fields = set(FAMILIES[kind][0].__dataclass_fields__) - {"parent", "name", "num_classes", "dtype"}
   for key, value in overrides.items():
+    if kind != "vit" and key in VIT_OPTIONS:
+      if value != VIT_OPTIONS[key]:
+        raise UserError(f"model option {key}={value} does not apply to {family_description(config)}; drop "
+                        f"--config.model.{key} (it is for Vision Transformers)")
+      continue
     if key not in fields:
-      raise UserError(f"unknown model field {key!r}; fields are {', '.join(sorted(fields))}")
+      raise UserError(f"unknown model field {key!r} for {family_description(config)}; fields are "
+                      f"{', '.join(sorted(fields))}")
     if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
       config[key].update(value)
     else:
       config[key] = value
   _check_ranges(config)
-  return VisionTransformer(num_classes=num_classes, **config)
+  return config
+
+
+def build(model_config, *, num_classes, dtype=None):
+  """The module of a model config (`get_model_config`'s, or one read off a checkpoint's shapes)."""
+  fields = {k: v for k, v in model_config.items() if k != "family"}
+  if dtype is not None:
+    fields["dtype"] = dtype
+  return FAMILIES[family(model_config)][0](num_classes=num_classes, **fields)
+
+
+def get_model(name, *, num_classes, dtype=None, **overrides):
+  """The module for a registry name; `overrides` replace config fields (nested ones by dict)."""
+  return build(get_model_config(name, **overrides), num_classes=num_classes, dtype=dtype)
 
 
 def _check_ranges(config):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from vit_jax.errors import UserError
+from vit_jax.models import state
 
 LOSSES = ("softmax_xent", "sigmoid_xent")
 
@@ -50,8 +51,8 @@ class Supervised:
     """The model's head size for a dataset of `num_classes` classes."""
     return num_classes
 
-  def loss_fn(self, model, params, batch, rng):
-    """(mean loss, {'train_accuracy'}) of one (micro-)batch in training mode."""
-    logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+  def loss_fn(self, model, variables, batch, rng):
+    """(mean loss, ({'train_accuracy'}, model_state)) of one (micro-)batch in training mode."""
+    logits, model_state = state.train_apply(model, variables, batch["image"], rng)
     losses = per_example_loss(logits, batch["label"], loss=self.loss, label_smoothing=self.label_smoothing)
-    return losses.mean(), {"train_accuracy": correct(logits, batch["label"]).mean()}
+    return losses.mean(), ({"train_accuracy": correct(logits, batch["label"]).mean()}, model_state)

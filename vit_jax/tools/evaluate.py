@@ -49,15 +49,15 @@ def evaluate(trained, *, dataset=None, split=None, batch_size=256, tfds_data_dir
     raise UserError(f"dataset {dataset} has {len(source.class_names)} classes but checkpoint {trained.source} has "
                     f"{trained.num_classes}; evaluate on the dataset it was trained for")
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  param_shardings = sharding.tree_shardings(trained.params, mesh)
-  params = jax.device_put(trained.params, param_shardings)
+  variable_shardings = sharding.tree_shardings(trained.variables, mesh)
+  variables = jax.device_put(trained.variables, variable_shardings)
   eval_step = classification.make_eval_step(trained.model, loss=trained.run_setting("loss", "softmax_xent"),
-                                            mesh=mesh, param_shardings=param_shardings)
+                                            mesh=mesh, variable_shardings=variable_shardings)
   batches = data.make_eval_iterator(dataset=dataset, split=split, pp={**trained.pp, "strict": strict}, batch=batch,
                                     sharding=sharding.batch_sharding(mesh), tfds_data_dir=tfds_data_dir,
                                     batch_key="--batch_size")
   with tqdm.tqdm(total=math.ceil(len(source) / batch), unit="batch", disable=not progress, file=sys.stderr) as bar:
-    metrics = classification.evaluate(eval_step, params, batches, on_batch=lambda: bar.update(1))
+    metrics = classification.evaluate(eval_step, variables, batches, on_batch=lambda: bar.update(1))
   if not metrics["count"]:
     raise UserError(f"no readable image in {dataset}:{split}")
   if not math.isfinite(metrics["loss"]):  # finite parameters (checked on loading) that still overflow

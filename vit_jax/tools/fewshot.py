@@ -37,7 +37,7 @@ def fewshot(trained, *, dataset=None, train_split="train", test_split="test", sh
   evaluator = FewShotEvaluator(dataset=dataset, pp=trained.pp, train_split=train_split, test_split=test_split,
                                shots=shots, seeds=seeds, l2_reg=l2_reg, batch=batch_size,
                                tfds_data_dir=tfds_data_dir or trained.run_setting("tfds_data_dir"))
-  return {"checkpoint": trained.source, "dataset": dataset, **evaluator(trained.params, trained.model)}
+  return {"checkpoint": trained.source, "dataset": dataset, **evaluator(trained.variables, trained.model)}
 
 
 def main():

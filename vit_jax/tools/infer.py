@@ -40,8 +40,8 @@ def define_flags():
 
 def make_predict_fn(model, sigmoid):
   @jax.jit
-  def predict(params, images):
-    logits = model.apply({"params": params}, images, train=False)
+  def predict(variables, images):
+    logits = model.apply(variables, images, train=False)
     return jax.nn.sigmoid(logits) if sigmoid else jax.nn.softmax(logits, axis=-1)
   return predict
 
@@ -60,7 +60,7 @@ def predict_files(trained, paths, *, k=5, batch_size=32, strict=False, progress=
   sigmoid = trained.run_setting("loss") == "sigmoid_xent"
   predict = make_predict_fn(trained.model, sigmoid)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  params = jax.device_put(trained.params, sharding.tree_shardings(trained.params, mesh))
+  variables = jax.device_put(trained.variables, sharding.tree_shardings(trained.variables, mesh))
   images_sharding = sharding.batch_sharding(mesh)
   batch_size = cli.device_batch(batch_size, mesh.size)
   predictions, skipped = [], []
@@ -74,7 +74,7 @@ def predict_files(trained, paths, *, k=5, batch_size=32, strict=False, progress=
         # Pad the last batch to the full size: one compiled shape for the whole run.
         padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
         padded[:len(images)] = images
-        probabilities = np.asarray(predict(params, jax.device_put(padded, images_sharding)))[:len(images)]
+        probabilities = np.asarray(predict(variables, jax.device_put(padded, images_sharding)))[:len(images)]
         if not np.isfinite(probabilities).all():  # finite parameters (checked on loading) that still overflow
           path = batch_paths[int(np.flatnonzero(~np.isfinite(probabilities).all(axis=1))[0])]
           raise UserError(f"checkpoint {trained.source} computes non-finite probabilities (NaN or infinity) for "

@@ -27,6 +27,7 @@ import numpy as np
 from vit_jax import models, workdir
 from vit_jax.errors import UserError
 from vit_jax.models import geometry, zoo
+from vit_jax.models import state as model_state_lib
 
 _QUERY_KERNEL = re.compile(r"^Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_1/query/kernel$")
 _RESNET_UNIT = re.compile(r"^block(\d+)/unit(\d+)/conv1/kernel$")
@@ -45,6 +46,12 @@ class TrainedModel:
   class_names: Optional[tuple]  # None when unknown (bare .npz without a labels file)
   run_config: Optional[ml_collections.ConfigDict]  # the training run's config.json when loaded from a workdir
   source: str  # the path given
+  model_state: dict = dataclasses.field(default_factory=dict)  # BatchNorm statistics ({'batch_stats': ...}) or {}
+
+  @property
+  def variables(self):
+    """What `model.apply` takes: the parameters and the model's state."""
+    return model_state_lib.variables(self.params, self.model_state)
 
   @property
   def num_classes(self):

@@ -57,7 +57,8 @@ def get_config():
   config.total_steps = 10_000
   config.warmup_steps = 500
   config.base_lr = 0.03
-  config.decay_type = "cosine"  # cosine | linear | constant
+  config.decay_type = "cosine"  # cosine | linear | constant | steps
+  config.decay_steps = ()  # `steps`: fractions of total_steps where the learning rate drops 10x, e.g. (0.3, 0.6, 0.9)
   config.grad_norm_clip = 1.0  # 0 disables clipping
   config.optimizer = "sgd"  # sgd (momentum) | adamw (decoupled weight decay on kernels)
   config.momentum = 0.9  # SGD momentum, or AdamW's beta1

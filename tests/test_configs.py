@@ -15,7 +15,7 @@ CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf
 
 
 def test_the_recipe_configs_are_there():
-  assert {"quickstart", "augreg_s16_i1k", "deit_s", "vit_cifar_recipe"} <= set(CONFIGS)
+  assert {"quickstart", "augreg_s16_i1k", "deit_s", "vit_cifar_recipe", "bit_finetune", "cnn_digits"} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -26,6 +26,7 @@ def test_config_begins_with_its_command_and_expected_result_and_passes_the_start
   assert "Expected" in doc
   config = module.get_config()
   train.validate_config(config)
+  train.check_model_options(config, train.model_config_from(config))
   objective = objectives.get(config.trainer).from_config(config)
   train.check_objective_data(objective, config.pp)
   preprocess.check_pp(config.pp)
@@ -35,3 +36,27 @@ def test_config_begins_with_its_command_and_expected_result_and_passes_the_start
                          jax.random.PRNGKey(0))
   optim.learning_rate_factors(state.params, layer_decay=config.layer_decay, lr_mults=config.lr_mults)
   assert (state.ema_params is not None) == (config.ema_decay > 0)
+
+
+@pytest.mark.parametrize("dataset, steps_, warmup, decay, mixup, resize, crop", [
+    ("oxford_flowers102", 500, 100, (0.4, 0.6, 0.8), 0.0, 448, 384),  # < 20k examples, large images
+    ("cifar10", 10_000, 500, (0.3, 0.6, 0.9), 0.1, 160, 128),  # 20k-500k, 32-px images
+    ("imagenet2012", 20_000, 500, (0.3, 0.6, 0.9), 0.1, 448, 384),  # > 500k
+])
+def test_bit_hyperrule_by_dataset_size_and_resolution(dataset, steps_, warmup, decay, mixup, resize, crop):
+  config = importlib.import_module("configs.bit_finetune").get_config(dataset)
+  assert (config.total_steps, config.warmup_steps, tuple(config.decay_steps), config.pp.mixup) == (
+      steps_, warmup, decay, mixup)
+  assert (config.pp.resize, config.pp.crop, config.base_lr, config.batch, config.optimizer) == (
+      resize, crop, 0.003, 512, "sgd")
+  schedule = optim.make_schedule(**{k: config[k] for k in ("base_lr", "total_steps", "warmup_steps", "decay_type",
+                                                           "decay_steps")})
+  assert float(schedule(steps_ - 1)) == pytest.approx(0.003 * 1e-3)  # three 10x drops by the end
+
+
+def test_bit_hyperrule_counts_an_image_folder(tmp_path):
+  for index in range(3):
+    (tmp_path / "train" / "cat").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "train" / "cat" / f"{index}.jpg").write_bytes(b"")
+  config = importlib.import_module("configs.bit_finetune").get_config(str(tmp_path))
+  assert config.total_steps == 500 and config.pp.mixup == 0.0

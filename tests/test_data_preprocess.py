@@ -263,3 +263,27 @@ def test_mix_batch_with_one_of_them_is_that_op_exactly():
   assert pp.MixBatch.from_pp({"crop": 8, "mixup": 0.0, "cutmix": None}, 3) is None
   both = pp.MixBatch.from_pp({"crop": 8, "mixup": 0.2, "cutmix": 1.0}, 3)
   assert both.switch_prob == 0.5 and both.mixup.alpha == 0.2 and both.cutmix.alpha == 1.0
+
+
+def test_random_crop_flip_is_a_window_of_the_squashed_image_as_bit():
+  """Every output is one of the (resize - crop + 1)^2 windows of the image resized to resize x resize, or its
+  mirror image; all offsets and both flips occur."""
+  rng_image = np.random.default_rng(0)
+  img = Image.fromarray(rng_image.integers(0, 256, (24, 40, 3), np.uint8))
+  crop, resize = 8, 12
+  squashed = np.asarray(img.resize((resize, resize), Image.Resampling.BILINEAR), np.int32)
+  windows = {(t, l): squashed[t:t + crop, l:l + crop] for t in range(resize - crop + 1)
+             for l in range(resize - crop + 1)}
+  seen = set()
+  rng = np.random.default_rng(1)
+  for _ in range(200):
+    out = pp.random_crop_flip(img, rng, crop, resize).astype(np.int32)
+    matches = [(key, flip) for key, window in windows.items() for flip in (False, True)
+               if np.abs((window[:, ::-1] if flip else window) - out).max() <= 1]  # one resize pass vs two
+    assert len(matches) >= 1
+    seen.update(matches)
+  assert {key for key, _ in seen} == set(windows) and {flip for _, flip in seen} == {False, True}
+  # Without pp.resize it is a plain resize, flipped or not.
+  out = pp.random_crop_flip(img, np.random.default_rng(2), crop)
+  plain = pp.plain_resize(img, None, crop)
+  assert np.array_equal(out, plain) or np.array_equal(out, plain[:, ::-1])

@@ -25,6 +25,19 @@ def test_schedule_values(decay_type, expected):
     np.testing.assert_allclose(float(schedule(step)), value, atol=1e-6, err_msg=f"step {step}")
 
 
+def test_step_decay_divides_by_ten_at_each_boundary_as_bit_hyperrule():
+  # BiT's schedule for < 20k examples: warmup 100, then 10x down at steps 200, 300 and 400 of 500.
+  schedule = optim.make_schedule(base_lr=0.003, total_steps=500, warmup_steps=100, decay_type="steps",
+                                 decay_steps=(0.4, 0.6, 0.8))
+  expected = {0: 0.003 / 100, 99: 0.003, 199: 0.003, 200: 3e-4, 299: 3e-4, 300: 3e-5, 400: 3e-6, 499: 3e-6}
+  for step, value in expected.items():
+    np.testing.assert_allclose(float(schedule(step)), value, rtol=1e-5, err_msg=f"step {step}")
+  with pytest.raises(UserError, match="decay_type=steps needs decay_steps"):
+    optim.make_schedule(base_lr=1.0, total_steps=10, warmup_steps=1, decay_type="steps", decay_steps=(1.5,))
+  with pytest.raises(UserError, match="applies only to decay_type=steps"):
+    optim.make_schedule(base_lr=1.0, total_steps=10, warmup_steps=1, decay_type="cosine", decay_steps=(0.5,))
+
+
 def test_first_step_learning_rate_is_not_zero():
   schedule = optim.make_schedule(base_lr=0.03, total_steps=10_000, warmup_steps=500, decay_type="cosine")
   np.testing.assert_allclose(float(schedule(0)), 0.03 / 500, rtol=1e-6)

@@ -22,17 +22,25 @@ from vit_jax.errors import UserError
 from vit_jax.models.precision import DTYPES
 from vit_jax.sharding import path_str
 
-DECAY_TYPES = ("cosine", "linear", "constant")
+DECAY_TYPES = ("cosine", "linear", "constant", "steps")
+STEP_DECAY_FACTOR = 0.1  # `steps` decay: the learning rate is divided by 10 at each boundary (BiT-HyperRule)
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def make_schedule(*, base_lr, total_steps, warmup_steps, decay_type):
-  """lr(step) for 0-based optimizer steps: linear warmup to `base_lr`, then decay to 0 at `total_steps`.
+def make_schedule(*, base_lr, total_steps, warmup_steps, decay_type, decay_steps=()):
+  """lr(step) for 0-based optimizer steps: linear warmup to `base_lr`, then decay to 0 at `total_steps` (cosine,
+  linear), none (constant), or 10x at each of `decay_steps` (fractions of `total_steps`, for `steps`).
 
   Warmup counts from step + 1, so the first update already moves the parameters.
   """
   if decay_type not in DECAY_TYPES:
     raise UserError(f"unknown decay_type {decay_type!r}; use one of {', '.join(DECAY_TYPES)}")
+  decay_steps = tuple(decay_steps or ())
+  if decay_type == "steps" and (not decay_steps or not all(0 < f < 1 for f in decay_steps)):
+    raise UserError(f"decay_type=steps needs decay_steps, fractions of total_steps in (0, 1), e.g. (0.3, 0.6, 0.9); "
+                    f"got decay_steps={decay_steps}")
+  if decay_steps and decay_type != "steps":
+    raise UserError(f"decay_steps={decay_steps} applies only to decay_type=steps (decay_type={decay_type})")
   if not base_lr > 0:  # also NaN
     raise UserError(f"base_lr={base_lr} must be positive; e.g. 1e-3 for adamw, 0.03 for sgd fine-tuning")
   if total_steps < 1:
@@ -51,6 +59,9 @@ def make_schedule(*, base_lr, total_steps, warmup_steps, decay_type):
       decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
     elif decay_type == "linear":
       decay = 1.0 - progress
+    elif decay_type == "steps":
+      passed = sum((step >= round(fraction * total_steps)).astype(jnp.float32) for fraction in decay_steps)
+      decay = STEP_DECAY_FACTOR ** passed
     else:
       decay = jnp.ones_like(progress)
     return base_lr * warmup * decay
@@ -216,8 +227,9 @@ def scale_by_learning_rate_factors(inner, *, layer_decay=1.0, lr_mults=()):
   return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
-def make_optimizer(*, optimizer, base_lr, total_steps, warmup_steps, decay_type, momentum=0.9, beta2=0.999,
-                   momentum_dtype="float32", weight_decay=0.0, grad_norm_clip=0.0, layer_decay=1.0, lr_mults=()):
+def make_optimizer(*, optimizer, base_lr, total_steps, warmup_steps, decay_type, decay_steps=(), momentum=0.9,
+                   beta2=0.999, momentum_dtype="float32", weight_decay=0.0, grad_norm_clip=0.0, layer_decay=1.0,
+                   lr_mults=()):
   """(optax transformation, its learning-rate schedule): `optimizer` (sgd | adamw) behind global-norm clipping
   (`grad_norm_clip` 0 = none), learning rate from `make_schedule`, times the per-parameter factors of
   `layer_decay` and `lr_mults` (`learning_rate_factors`) unless those are off (1.0 and empty)."""
@@ -234,7 +246,7 @@ def make_optimizer(*, optimizer, base_lr, total_steps, warmup_steps, decay_type,
   _check_layer_decay(layer_decay)
   factors_on = layer_decay != 1 or bool(_parse_lr_mults(lr_mults))
   schedule = make_schedule(base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps,
-                           decay_type=decay_type)
+                           decay_type=decay_type, decay_steps=decay_steps)
   if optimizer == "sgd":
     tx = optax.sgd(schedule, momentum=momentum, accumulator_dtype=DTYPES[momentum_dtype])
   else:
@@ -250,5 +262,5 @@ def make_optimizer(*, optimizer, base_lr, total_steps, warmup_steps, decay_type,
 
 
 # The training config keys make_optimizer takes.
-CONFIG_KEYS = ("optimizer", "base_lr", "total_steps", "warmup_steps", "decay_type", "momentum", "beta2",
-               "momentum_dtype", "weight_decay", "grad_norm_clip", "layer_decay", "lr_mults")
+CONFIG_KEYS = ("optimizer", "base_lr", "total_steps", "warmup_steps", "decay_type", "decay_steps", "momentum",
+               "beta2", "momentum_dtype", "weight_decay", "grad_norm_clip", "layer_decay", "lr_mults")

@@ -48,6 +48,14 @@ def validate_config(config):
   steps.check_ema_decay(config.ema_decay)
 
 
+def check_model_options(config, model_config):
+  """Options that only a Vision Transformer has: resolution stages resample position embeddings."""
+  if config.crop_stages and models.family(model_config) != "vit":
+    raise UserError(f"crop_stages={tuple(tuple(s) for s in config.crop_stages)} resamples position embeddings, "
+                    f"which {models.family_description(model_config)} does not have; drop --config.crop_stages "
+                    "(train at one --config.pp.crop)")
+
+
 def check_objective_data(objective, pp):
   """Mixing images mixes their labels: an objective that does not train on labels cannot use it."""
   for key in ("mixup", "cutmix"):
@@ -137,12 +145,14 @@ def resize_position_embeddings(state, model_config, crop):
 
 def with_pretrained(state, pretrained):
   """`state` with every parameter that `pretrained` holds as an array (the head stays as initialised), in the EMA
-  too when there is one."""
+  too when there is one, and the model's state (BatchNorm statistics) when the file has it."""
   def pick(init, loaded):
     return jax.device_put(np.asarray(loaded, init.dtype), init.sharding) if isinstance(loaded, np.ndarray) else init
+  pretrained, pretrained_state = model_state_lib.split(pretrained)
   params = jax.tree.map(pick, state.params, pretrained)
   ema_params = None if state.ema_params is None else jax.tree.map(pick, state.ema_params, pretrained)
-  return state.replace(params=params, ema_params=ema_params)
+  model_state = None if state.model_state is None else jax.tree.map(pick, state.model_state, pretrained_state)
+  return state.replace(params=params, ema_params=ema_params, model_state=model_state)
 
 
 
@@ -238,6 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   data.check_pp(config.pp)
   check_objective_data(objective, config.pp)
   model_config = model_config_from(config)
+  check_model_options(config, model_config)
   mesh = sharding.make_mesh(config.mesh, devices)
   platform = mesh.devices.flat[0].platform
   warn_if_remat_saves_nothing(model_config.get("remat", "none"), model_config.get("scan_layers", False), platform)
@@ -255,9 +266,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   optim.learning_rate_factors(abstract_state.params, layer_decay=config.layer_decay, lr_mults=config.lr_mults)
   pretrained = None
   if config.pretrained_path:  # read and checked before anything compiles
-    pretrained = checkpoint.load_pretrained(pretrained_path=config.pretrained_path,
-                                            init_params=abstract_state.params, model_config=model_config,
-                                            image_size=first_crop)
+    pretrained = checkpoint.load_pretrained(
+        pretrained_path=config.pretrained_path, model_config=model_config, image_size=first_crop,
+        init_params=model_state_lib.merge(abstract_state.params, abstract_state.model_state))
 
   workdir_lib.check_writable(workdir)  # the first write, once every check that can fail fast has passed
   save_bytes = _state_bytes(abstract_state)

@@ -49,7 +49,8 @@ RECOVERY_KEYS = ("base_lr", "warmup_steps", "grad_norm_clip", "total_steps", "la
 # Keys added after runs were already written, with the value (as JSON) that computes what those runs computed: a
 # config.json without one resumes when the key has this value now, so upgrading vit_jax never strands a run.
 ADDED_KEYS = {"layer_decay": 1.0, "lr_mults": [], "ema_decay": 0.0, "export_ema": True, "pp.randaug": [],
-              "pp.cutmix": 0.0, "pp.mix_switch_prob": 0.5, "model.stochastic_depth": 0.0}
+              "pp.cutmix": 0.0, "pp.mix_switch_prob": 0.5, "model.stochastic_depth": 0.0,
+              "decay_steps": []}
 
 
 def exported_weights(config):

@@ -18,6 +18,7 @@ callers outside training need no config.
 Batch ops run on whole (per-process) batches of normalised images with a generator per batch: `Mixup` blends each
 image with the batch reversed; `CutMix` pastes a box of the batch reversed; `MixBatch` picks one of them per batch.
 """
+import functools
 import io
 import math
 import numbers
@@ -166,7 +167,19 @@ def plain_resize(img, rng, crop):
   return crop_resize(img, (0, 0, img.height, img.width), crop)
 
 
-TRAIN_OPS = {"inception_crop": inception_crop, "affine": random_affine, "none": plain_resize}
+def random_crop_flip(img, rng, crop, resize=None):
+  """BiT's training crop: the image squashed to `resize` x `resize` (`pp.resize`, default `crop`), a uniformly
+  placed `crop` x `crop` window of it, and a random horizontal flip; one resize pass, as `central_crop_box`."""
+  resize = resize or crop
+  top, left = (int(v) for v in rng.integers(0, resize - crop + 1, size=2))
+  sy, sx = img.height / resize, img.width / resize
+  out = crop_resize(img, (top * sy, left * sx, crop * sy, crop * sx), crop)
+  return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+TRAIN_OPS = {"inception_crop": inception_crop, "affine": random_affine, "none": plain_resize,
+             "random_crop_flip": random_crop_flip}
+RESIZING_OPS = ("random_crop_flip",)  # the train ops that read `pp.resize`
 DEFAULT_AUGMENT = "inception_crop"
 DEFAULT_MIX_SWITCH_PROB = 0.5
 
@@ -210,7 +223,10 @@ class TrainPreprocess:
 
   def __init__(self, pp):
     self.crop = pp["crop"]
-    self.op = TRAIN_OPS[pp.get("augment", DEFAULT_AUGMENT)]
+    augment = pp.get("augment", DEFAULT_AUGMENT)
+    self.op = TRAIN_OPS[augment]
+    if augment in RESIZING_OPS:
+      self.op = functools.partial(self.op, resize=pp.get("resize"))
     self.randaug = randaugment.parse_randaug(pp.get("randaug", ()))  # (num_ops, magnitude) or None
 
   def __call__(self, record, rng):

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.ndimage
 
 from vit_jax.errors import UserError
-from vit_jax.models import geometry, vit
+from vit_jax.models import bit, geometry, registry, vit
 
 ZOO_URL = "https://storage.googleapis.com/vit_models/"
 
@@ -183,22 +183,61 @@ def _shape(x):
   return tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
 
 
+def checkpoint_family(flat):
+  """'bit', 'cnn' or 'vit': which model family a flat {key: array} checkpoint holds, told by its keys."""
+  if bit.ROOT_KEY in flat:
+    return "bit"
+  if "conv1/kernel" in flat and "dense1/kernel" in flat:
+    return "cnn"
+  return "vit"
+
+
+def bit_width_factor(flat):
+  """The width factor of a BiT checkpoint: its root convolution has 64 x width output channels."""
+  return _shape(flat[bit.ROOT_KEY])[-1] // 64
+
+
+def check_same_family(flat, model_config, path):
+  """UserError naming both when a checkpoint holds another model family, or a BiT ResNet of another width."""
+  got, want = checkpoint_family(flat), registry.family(model_config)
+  name = model_config.get("model_name") or "the model"
+  if got != want:
+    raise UserError(f"checkpoint {path} holds {registry.FAMILIES[got][1]} but model {name} is "
+                    f"{registry.FAMILIES[want][1]}; set the model name to the checkpoint's model (or use a checkpoint "
+                    f"of {name})")
+  if got == "bit" and bit_width_factor(flat) != model_config.width_factor:
+    width = bit_width_factor(flat)
+    raise UserError(f"checkpoint {path} is a BiT ResNet of width {width} (root conv {64 * width} channels) but "
+                    f"model {name} has width {model_config.width_factor}; use a BiT-R..x{width} model name or a "
+                    f"x{model_config.width_factor} file")
+
+
+def is_head(key):
+  """The classifier's parameters, which fine-tuning re-initialises: ViT's and the CNN's `head/`, BiT's
+  `resnet/head/`."""
+  return key.startswith("head/") or key.startswith(bit.HEAD_PREFIX)
+
+
 def load_pretrained(*, pretrained_path, init_params, model_config, image_size=None, posemb_method="linear"):
   """Pretrained parameters adapted to a new task, with the structure and shapes of `init_params`.
 
-  - the classification `head` comes from `init_params` (the class count usually differs);
+  - the classification head (`is_head`) comes from `init_params` (the class count usually differs);
   - `pre_logits` is dropped when the model has no representation layer;
   - position embeddings are resized to the model's grid (`image_size`, int or (height, width), is needed only
     for non-square grids).
   One log line per changed tensor. Any other missing or extra key, shape mismatch, or a NaN or infinity in the
   file is a UserError naming it.
   A model with `scan_layers=True` gets its encoder blocks stacked, as its `init_params` are.
+  `init_params` may hold the model's state beside the parameters (`models.state.merge`: BatchNorm statistics),
+  which is then read from the file too. A file of another model family, or a BiT file of another width, is a
+  UserError naming both.
   """
   restored = load(pretrained_path)
   # Refused here, not in `load`: inspecting a broken file must still work, starting from one must not.
   check_finite(restored, f"pretrained checkpoint {pretrained_path}",
                "the file is corrupt or from a run that diverged; download it again or start from another checkpoint")
   restored = flatten(restored)
+  check_same_family(restored, model_config, pretrained_path)
   init_params = flax.core.unfreeze(init_params)
   scanned = "encoderblock" in init_params.get("Transformer", {})
   expected = flatten(vit.unstack_layers(init_params))
@@ -209,7 +248,7 @@ def load_pretrained(*, pretrained_path, init_params, model_config, image_size=No
                    _shape(restored[key]))
       del restored[key]
   for key, init_value in expected.items():
-    if key.startswith("head/"):
+    if is_head(key):
       logging.info("load_pretrained: %s %s from the new model (checkpoint had %s)", key, _shape(init_value),
                    _shape(restored[key]) if key in restored else "none")
       adapted[key] = init_value

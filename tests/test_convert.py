@@ -264,3 +264,150 @@ def test_timm_loads_strictly_and_matches(tmp_path, key):
   timm_logits = np.load(tmp_path / "timm.npy")
   print(f"{key}: max |timm - jax| = {np.abs(timm_logits - logits).max():.2e}")
   np.testing.assert_allclose(timm_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+# --- BiT ResNet-v2 <-> timm's resnetv2_*_bit ------------------------------------------------------------------------
+
+BIT_UNITS = (1, 2, 1, 1)  # a second unit in stage 2: a unit without projection, and block index 1
+
+
+def make_bit_checkpoint(tmp_path, block_units=BIT_UNITS, width_factor=1, num_classes=5, name="bit"):
+  model = models.get_model("BiT-R50x1", num_classes=num_classes, block_units=block_units, width_factor=width_factor)
+  params = random_params(model, 32)
+  path = str(tmp_path / f"{name}.npz")
+  zoo.save(params, path)
+  return path, model, params
+
+
+def timm_bit_layout_by_hand(flat, block_units):
+  """The state dict timm's `resnetv2._load_weights` makes of a big_transfer file, written out from its code: OIHW
+  convolutions (t2p), `stem.conv`, `stages.{i}.blocks.{j}.{conv,norm}{1,2,3}` from units a, b, c,
+  `downsample.conv` from `a/proj`, `norm`, and the 1x1-conv head `head.fc`."""
+  oihw = lambda w: w.transpose(3, 2, 0, 1)
+  state = {"stem.conv.weight": oihw(flat["resnet/root_block/standardized_conv2d/kernel"]),
+           "norm.weight": flat["resnet/group_norm/gamma"], "norm.bias": flat["resnet/group_norm/beta"],
+           "head.fc.weight": oihw(flat["resnet/head/conv2d/kernel"]), "head.fc.bias": flat["resnet/head/conv2d/bias"]}
+  for i, units in enumerate(block_units):
+    for j in range(units):
+      src, dst = f"resnet/block{i + 1}/unit{j + 1:02d}/", f"stages.{i}.blocks.{j}."
+      for index, letter in enumerate("abc", start=1):
+        state[f"{dst}conv{index}.weight"] = oihw(flat[f"{src}{letter}/standardized_conv2d/kernel"])
+        state[f"{dst}norm{index}.weight"] = flat[f"{src}{letter}/group_norm/gamma"]
+        state[f"{dst}norm{index}.bias"] = flat[f"{src}{letter}/group_norm/beta"]
+      if j == 0:
+        state[f"{dst}downsample.conv.weight"] = oihw(flat[f"{src}a/proj/standardized_conv2d/kernel"])
+  return state
+
+
+def test_bit_exports_timms_layout_and_round_trips_bit_exactly(tmp_path):
+  path, _, _ = make_bit_checkpoint(tmp_path)
+  exported = str(tmp_path / "bit.safetensors")
+  convert.export_timm(path, exported)
+  state = st_numpy.load_file(exported)
+  with np.load(path) as npz:
+    original = {key: npz[key] for key in npz.files}
+  expected = timm_bit_layout_by_hand(original, BIT_UNITS)
+  assert sorted(state) == sorted(expected)
+  for key, value in expected.items():
+    assert state[key].dtype == value.dtype
+    np.testing.assert_array_equal(state[key], value, err_msg=key)
+  assert state["stages.1.blocks.0.conv1.weight"].shape == (128, 256, 1, 1)  # as timm's resnetv2_50x1_bit
+  with safe_open(exported, framework="numpy") as f:
+    metadata = f.metadata()
+  assert json.loads(metadata[convert.TIMM_METADATA]) == {"layers": list(BIT_UNITS), "width_factor": 1,
+                                                         "num_classes": 5, "stem_type": "fixed"}
+  assert convert.TIMM_MODEL_METADATA not in metadata  # timm registers no (1, 2, 1, 1) BiT
+  assert json.loads(metadata[convert.CONFIG_METADATA])["family"] == "bit"
+
+  back = str(tmp_path / "back.npz")
+  convert.import_timm(exported, back)
+  with np.load(back) as npz:
+    restored = {key: npz[key] for key in npz.files}
+  assert sorted(restored) == sorted(original)
+  for key, value in original.items():
+    assert restored[key].dtype == value.dtype
+    np.testing.assert_array_equal(restored[key], value, err_msg=key)
+  # A file without vit_jax metadata (timm's own) imports the same.
+  bare = str(tmp_path / "bare.safetensors")
+  st_numpy.save_file(state, bare)
+  flat_back = convert.import_timm(bare, str(tmp_path / "bare.npz"))
+  assert sorted(flat_back) == sorted(original)
+
+
+def test_bit_timm_names_and_import_checks(tmp_path):
+  for name, timm_name in (("BiT-R50x1", "resnetv2_50x1_bit"), ("BiT-R101x3", "resnetv2_101x3_bit"),
+                          ("BiT-R152x4", "resnetv2_152x4_bit")):
+    assert convert.timm_bit_name(models.get_model_config(name)) == timm_name
+  assert convert.timm_bit_name(models.get_model_config("BiT-R50x1", block_units=BIT_UNITS)) is None
+  path, _, _ = make_bit_checkpoint(tmp_path, width_factor=2, num_classes=3)
+  exported = str(tmp_path / "wide.safetensors")
+  convert.export_timm(path, exported)
+  with pytest.raises(UserError, match=r"wide.safetensors is a BiT ResNet-v2 with \(1, 2, 1, 1\) units per stage "
+                                      r"\(width 2\) but --model_name=BiT-R50x1 has width 1"):
+    convert.import_timm(exported, str(tmp_path / "x.npz"), model_name="BiT-R50x1")
+  with pytest.raises(UserError, match=r"holds a BiT ResNet-v2 but --model_name=ViT-B_16 is a Vision Transformer"):
+    convert.import_timm(exported, str(tmp_path / "x.npz"), model_name="ViT-B_16")
+  narrow, _, _ = make_bit_checkpoint(tmp_path, num_classes=3, name="narrow")
+  convert.export_timm(narrow, str(tmp_path / "narrow.safetensors"))
+  with pytest.raises(UserError, match=r"does not match model BiT-R50x1: .*resnet/block1/unit02"):
+    convert.import_timm(str(tmp_path / "narrow.safetensors"), str(tmp_path / "x.npz"), model_name="BiT-R50x1")
+  assert not os.path.exists(tmp_path / "x.npz")
+  with pytest.raises(UserError, match="stages.0.blocks.0.ls1.gamma has no BiT counterpart"):
+    convert.timm_to_bit({"stem.conv.weight": np.zeros((64, 3, 7, 7)), "stages.0.blocks.0.ls1.gamma": np.zeros(4)})
+
+
+def test_cnn_has_no_timm_model(tmp_path):
+  model = models.get_model("CNN-CIFAR", num_classes=10)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32)))
+  tree = {**variables["params"], "batch_stats": variables["batch_stats"]}
+  zoo.save(jax.tree.map(lambda v: np.ones(v.shape, np.float32), tree), tmp_path / "cnn.npz")
+  with pytest.raises(UserError, match=r"cnn.npz is CNN-CIFAR \(a plain CNN\), which has no timm model"):
+    convert.export_timm(str(tmp_path / "cnn.npz"), str(tmp_path / "cnn.safetensors"))
+  assert not os.path.exists(tmp_path / "cnn.safetensors")
+
+
+TIMM_BIT_SCRIPT = r"""
+import functools, json, sys
+import numpy as np, torch
+import timm
+from safetensors import safe_open
+from safetensors.torch import load_file
+from timm.layers import StdConv2d
+from timm.models.resnetv2 import ResNetV2
+
+path, images_path, out_path = sys.argv[1:4]
+with safe_open(path, framework="pt") as f:
+  metadata = f.metadata()
+kwargs = json.loads(metadata["timm_kwargs"])
+if "timm_model" in metadata:  # one of timm's registered BiT models
+  model = timm.create_model(metadata["timm_model"], pretrained=False, num_classes=kwargs["num_classes"])
+else:  # what timm's _create_resnetv2_bit builds, for any layout
+  model = ResNetV2(**kwargs, conv_layer=functools.partial(StdConv2d, eps=1e-8))
+model = model.float().eval()
+model.load_state_dict(load_file(path), strict=True)
+with torch.no_grad():
+  np.save(out_path, model(torch.from_numpy(np.load(images_path)).permute(0, 3, 1, 2)).numpy())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _peer_available(), reason="needs a .peer venv with torch and timm, and VIT_JAX_PEER_DIR")
+@pytest.mark.parametrize("block_units, width_factor", [(BIT_UNITS, 1), ((1, 1, 1, 1), 2), ((3, 4, 6, 3), 1)])
+def test_timm_loads_exported_bit_strictly_and_matches(tmp_path, block_units, width_factor):
+  path, model, params = make_bit_checkpoint(tmp_path, block_units, width_factor, num_classes=7)
+  exported = str(tmp_path / "bit.safetensors")
+  convert.export_timm(path, exported)
+  with safe_open(exported, framework="numpy") as f:
+    assert (f.metadata().get(convert.TIMM_MODEL_METADATA) == "resnetv2_50x1_bit") == (block_units == (3, 4, 6, 3))
+  images = np.random.default_rng(1).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+  logits = np.asarray(jax.jit(model.apply)({"params": params}, images))
+  np.save(tmp_path / "images.npy", images)
+  (tmp_path / "run_timm.py").write_text(TIMM_BIT_SCRIPT)
+  out = subprocess.run([PEER_PYTHON, str(tmp_path / "run_timm.py"), exported, str(tmp_path / "images.npy"),
+                        str(tmp_path / "timm.npy")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": PEER_STUB})
+  assert out.returncode == 0, out.stderr[-3000:]
+  timm_logits = np.load(tmp_path / "timm.npy")
+  error = np.linalg.norm(timm_logits - logits) / np.linalg.norm(logits)
+  print(f"BiT {block_units}x{width_factor}: relative error timm vs jax {error:.2e}")
+  assert timm_logits.shape == logits.shape and error < 1e-4

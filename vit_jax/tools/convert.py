@@ -16,6 +16,14 @@ from that metadata, or from `--model_name`/`--num_heads` for files exported by o
 outputs with timm: the zoo uses the tanh approximation of GELU (`timm_kwargs` sets `act_layer='gelu_tanh'`),
 `gap` models pool after the final norm (`fc_norm=False`), and hybrids' GroupNorm eps is 1e-6 (timm's default
 1e-5). timm has no representation (`pre_logits`) layer, so models with one cannot be exported.
+
+BiT ResNet-v2 checkpoints (big_transfer keys) become timm's `resnetv2_*_bit` state dict (`timm.models.resnetv2
+.ResNetV2`): `stem.conv`, `stages.{s}.blocks.{u}.{norm1,conv1,norm2,conv2,norm3,conv3,downsample.conv}`, `norm`
+and `head.fc` (a 1x1 convolution), the mapping of timm's own big_transfer loader (`resnetv2._load_weights`),
+exact both ways. The metadata's `timm_model` names timm's model where there is one
+(`timm.create_model(timm_model, num_classes=N)` loads the file strictly); `timm_kwargs` holds the `ResNetV2`
+arguments (`layers`, `width_factor`, `num_classes`, `stem_type`), to which BiT adds
+`conv_layer=partial(StdConv2d, eps=1e-8)`. The course CNN has no timm model and cannot be exported.
 """
 import json
 import os
@@ -27,7 +35,7 @@ import numpy as np
 
 from vit_jax import models
 from vit_jax.errors import UserError
-from vit_jax.models import geometry, zoo
+from vit_jax.models import bit, geometry, zoo
 from vit_jax.tools import cli, trained_model
 
 FLAGS = flags.FLAGS
@@ -41,6 +49,7 @@ def define_flags():
 
 CONFIG_METADATA = "vit_jax.model_config"
 TIMM_METADATA = "timm_kwargs"
+TIMM_MODEL_METADATA = "timm_model"
 _BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/(.+)$")
 _RESNET = re.compile(r"^block(\d+)/unit(\d+)/(conv|gn)(\d|_proj)/(kernel|scale|bias)$")
 _TIMM_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -69,6 +78,30 @@ _TOP_PARAMS = {
     "head/bias": ("head.bias", "vector"),
 }
 _QKV = ("query", "key", "value")
+
+# BiT ResNet-v2: big_transfer key -> timm key, as timm's `resnetv2._load_weights` reads the files.
+_BIT_TOP = {
+    "resnet/root_block/standardized_conv2d/kernel": "stem.conv.weight",
+    "resnet/group_norm/gamma": "norm.weight",
+    "resnet/group_norm/beta": "norm.bias",
+    "resnet/head/conv2d/kernel": "head.fc.weight",
+    "resnet/head/conv2d/bias": "head.fc.bias",
+}
+_BIT_UNIT_PARAMS = {
+    "a/standardized_conv2d/kernel": "conv1.weight",
+    "b/standardized_conv2d/kernel": "conv2.weight",
+    "c/standardized_conv2d/kernel": "conv3.weight",
+    "a/group_norm/gamma": "norm1.weight",
+    "a/group_norm/beta": "norm1.bias",
+    "b/group_norm/gamma": "norm2.weight",
+    "b/group_norm/beta": "norm2.bias",
+    "c/group_norm/gamma": "norm3.weight",
+    "c/group_norm/beta": "norm3.bias",
+    "a/proj/standardized_conv2d/kernel": "downsample.conv.weight",
+}
+_BIT_UNIT = re.compile(r"^resnet/block(\d+)/unit(\d+)/(.+)$")
+_TIMM_BIT_UNIT = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$")
+TIMM_BIT_STEM = "stem.conv.weight"  # a timm ResNetV2 state dict (a hybrid ViT's is under patch_embed.backbone.)
 
 
 # --- layouts ---------------------------------------------------------------------------------------------------
@@ -190,6 +223,47 @@ def timm_to_zoo(state, num_heads):
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
+def bit_to_timm(flat):
+  """Flat BiT params (big_transfer keys) -> timm `ResNetV2` state dict (numpy; exact: HWIO -> OIHW only)."""
+  out = {}
+  for key, value in flat.items():
+    value = np.asarray(value)
+    if key in _BIT_TOP:
+      out[_BIT_TOP[key]] = _to_timm_array(value, "conv")
+    elif (m := _BIT_UNIT.match(key)) and m.group(3) in _BIT_UNIT_PARAMS:
+      block, unit, rest = m.groups()
+      out[f"stages.{int(block) - 1}.blocks.{int(unit) - 1}.{_BIT_UNIT_PARAMS[rest]}"] = _to_timm_array(value, "conv")
+    else:
+      raise UserError(f"parameter {key} has no timm counterpart in a BiT ResNet-v2")
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def timm_to_bit(state):
+  """timm `ResNetV2` (`resnetv2_*_bit`) state dict -> flat BiT params with big_transfer keys (exact)."""
+  inverse_top = {name: key for key, name in _BIT_TOP.items()}
+  inverse_unit = {name: rest for rest, name in _BIT_UNIT_PARAMS.items()}
+  out = {}
+  for name, value in state.items():
+    value = np.asarray(value)
+    if name in inverse_top:
+      out[inverse_top[name]] = _from_timm_array(value, "conv")
+    elif (m := _TIMM_BIT_UNIT.match(name)) and m.group(3) in inverse_unit:
+      stage, block, rest = m.groups()
+      out[f"resnet/block{int(stage) + 1}/unit{int(block) + 1:02d}/{inverse_unit[rest]}"] = (
+          _from_timm_array(value, "conv"))
+    else:
+      raise UserError(f"timm parameter {name} has no BiT counterpart (only timm's resnetv2_*_bit layout is "
+                      "supported: pre-activation bottlenecks, GroupNorm, a 1x1-conv head)")
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def timm_bit_name(model_config):
+  """timm's registered name of a BiT config (`resnetv2_50x1_bit`), or None for a layout timm does not register."""
+  depths = {tuple(units): depth for depth, units in bit.BLOCK_UNITS.items()}
+  depth = depths.get(tuple(model_config.block_units))
+  return f"resnetv2_{depth}x{model_config.width_factor}_bit" if depth else None
+
+
 def timm_kwargs(model_config, num_classes, image_size):
   """Arguments of timm's `VisionTransformer` (plain ViTs; hybrids need the backbone as `embed_layer` too)."""
   transformer = model_config.transformer
@@ -222,12 +296,25 @@ def _safetensors_numpy():
 def export_timm(input_path, output_path, model_name=None):
   """Writes the timm state dict of a workdir or zoo `.npz` to `output_path` (.safetensors); returns it."""
   trained = trained_model.load(input_path, model_name=model_name, with_class_names=False)
-  if not trained.model_config.get("transformer"):
+  family = models.family(trained.model_config)
+  if family == "cnn":
+    raise UserError(f"{input_path} is {trained_model.describe(trained.model_config)}, which has no timm model; "
+                    "convert exports Vision Transformers and BiT ResNets (use the .npz itself)")
+  if family == "vit" and not trained.model_config.get("transformer"):
     raise UserError(f"{input_path} is a ResNet without a transformer; timm's VisionTransformer cannot hold it")
-  state = zoo_to_timm({key: np.asarray(value) for key, value in zoo.flatten(trained.params).items()})
+  flat = {key: np.asarray(value) for key, value in zoo.flatten(trained.params).items()}
   config_json = json.dumps(trained.model_config.to_dict())
-  metadata = {"format": "pt", CONFIG_METADATA: config_json,
-              TIMM_METADATA: json.dumps(timm_kwargs(trained.model_config, trained.num_classes, trained.image_size))}
+  if family == "bit":
+    state = bit_to_timm(flat)
+    kwargs = {"layers": list(trained.model_config.block_units), "width_factor": trained.model_config.width_factor,
+              "num_classes": trained.num_classes, "stem_type": "fixed"}
+    metadata = {"format": "pt", CONFIG_METADATA: config_json, TIMM_METADATA: json.dumps(kwargs)}
+    if timm_name := timm_bit_name(trained.model_config):
+      metadata[TIMM_MODEL_METADATA] = timm_name
+  else:
+    state = zoo_to_timm(flat)
+    metadata = {"format": "pt", CONFIG_METADATA: config_json,
+                TIMM_METADATA: json.dumps(timm_kwargs(trained.model_config, trained.num_classes, trained.image_size))}
   cli.write_output(output_path, lambda path: _safetensors_numpy().save_file(state, path, metadata=metadata))
   logging.info("Wrote %d tensors to %s", len(state), output_path)
   return state
@@ -251,6 +338,8 @@ def read_safetensors(path):
 def import_timm(input_path, output_path, model_name=None, num_heads=None):
   """Writes the zoo `.npz` of a timm `.safetensors` to `output_path`; returns the flat zoo params."""
   state, metadata = read_safetensors(input_path)
+  if TIMM_BIT_STEM in state:
+    return _import_bit(state, input_path, output_path, model_name)
   model_config = None
   if CONFIG_METADATA in metadata:
     model_config = json.loads(metadata[CONFIG_METADATA])
@@ -273,6 +362,21 @@ def import_timm(input_path, output_path, model_name=None, num_heads=None):
     model = models.VisionTransformer(num_classes=num_classes, **config)
     trained_model.check_params_match(params, model, trained_model.posemb_image_size(params, config),
                                      f"model {model_name}")
+  cli.write_output(output_path, lambda path: zoo.save(params, path))
+  logging.info("Wrote %d arrays to %s", len(flat), output_path)
+  return flat
+
+
+def _import_bit(state, input_path, output_path, model_name):
+  """Writes the big_transfer-layout `.npz` of a timm BiT state dict; with `model_name`, checked against it."""
+  flat = timm_to_bit(state)
+  params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+  if model_name:  # the family, the width and then every shape against the named model
+    shapes = trained_model.flat_shapes(params)
+    config = models.get_model_config(model_name)
+    trained_model.check_family(shapes, "bit", config, f"--model_name={model_name}", input_path, named=True)
+    model = models.build(config, num_classes=trained_model.num_classes_of(shapes, "bit"))
+    trained_model.check_params_match(params, model, trained_model.BIT_MIN_IMAGE_SIZE, f"model {model_name}")
   cli.write_output(output_path, lambda path: zoo.save(params, path))
   logging.info("Wrote %d arrays to %s", len(flat), output_path)
   return flat

@@ -6,8 +6,9 @@
 
 `--checkpoint` is a training workdir (its config.json gives the model, the test preprocessing and the class
 names) or a zoo `.npz` (`--model_name` names its architecture; without it the architecture is read off the
-parameter shapes). Images of any size and format go through the test preprocessing; `--image_size` runs the
-model at another resolution (position embeddings interpolated). A file that cannot be decoded is skipped,
+parameter shapes), of any model family: ViT, BiT ResNet-v2 (a big_transfer file too) or the course CNN. Images of
+any size and format go through the test preprocessing; `--image_size` runs the model at another resolution
+(a ViT's position embeddings interpolated; BiT takes any size of at least 32 px; the CNN only its trained size). A file that cannot be decoded is skipped,
 counted and listed at the end (`--strict` makes it an error). Models trained with `sigmoid_xent` report
 per-class sigmoid probabilities, others a softmax.
 

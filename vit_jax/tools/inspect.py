@@ -3,8 +3,9 @@
   python -m vit_jax.tools.inspect FILE.npz
   python -m vit_jax.tools.inspect --checkpoint=runs/quickstart        # a training workdir: its model.npz
 
-A file holding NaN or infinity is shown (with the first such tensors) rather than refused: the other tools and
-fine-tuning refuse it.
+Any model family: a ViT (position-embedding tokens), a BiT ResNet-v2 (units per stage, width factor) or the course
+CNN (its widths, and its BatchNorm statistics counted apart from the parameters). A file holding NaN or infinity
+is shown (with the first such tensors) rather than refused: the other tools and fine-tuning refuse it.
 """
 from absl import flags
 from clu import parameter_overview
@@ -14,6 +15,7 @@ import numpy as np
 from vit_jax import models, workdir
 from vit_jax.errors import UserError
 from vit_jax.models import geometry, zoo
+from vit_jax.models import state as model_state_lib
 from vit_jax.tools import cli, trained_model
 
 FLAGS = flags.FLAGS
@@ -41,8 +43,37 @@ def _width_and_depth(name):
   return config.hidden_size, (config.get("transformer") or {}).get("num_layers", 0)
 
 
+def _vit_names():
+  return [name for name in models.model_names() if models.family(models.get_model_config(name)) == "vit"]
+
+
+def match_convolutional(flat_shapes, family):
+  """(name, None, model config) of the BiT or CNN registry model whose parameters these are (any class count),
+  or (None, reason, the config read off the shapes or None)."""
+  try:
+    config = trained_model.config_of_file(flat_shapes, family)
+  except UserError as e:
+    return None, str(e), None
+  if not config.get("model_name"):
+    return None, "none has this architecture", config
+  model = models.build(config, num_classes=trained_model.num_classes_of(flat_shapes, family))
+  try:  # a CNN's dense layer fixes the image size; BiT's shapes do not depend on it
+    size = trained_model.cnn_image_size(flat_shapes, config) if family == "cnn" else trained_model.BIT_MIN_IMAGE_SIZE
+  except UserError as e:
+    return None, str(e), config
+  images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
+  want_shapes = {key: tuple(v.shape) for key, v in zoo.flatten(
+      jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)["params"]).items()}
+  differences = [f"{key}: file {got or 'missing'}, {config.model_name} {want or 'missing'}"
+                 for key, got, want in zoo.shape_differences(flat_shapes, want_shapes)]
+  if differences:
+    closest = f"closest is {config.model_name} with {len(differences)} difference(s), first: {differences[0]}"
+    return None, closest, config
+  return config.model_name, None, config
+
+
 def match_registry(flat_shapes):
-  """(name, None) of the registry model whose parameters these are, or (None, reason) for the closest one.
+  """(name, None) of the registry ViT whose parameters these are, or (None, reason) for the closest one.
 
   The head's class count, the representation layer and the position-embedding grid may differ from the
   registry's defaults: they are what fine-tuning changes.
@@ -52,7 +83,7 @@ def match_registry(flat_shapes):
   # Only models of the file's width and depth can match or come close: tracing every registry model is slow.
   hidden = flat_shapes["embedding/kernel"][-1] if "embedding/kernel" in flat_shapes else None
   depth = len({m.group(1) for key in flat_shapes if (m := zoo.ENCODER_BLOCK.match(key))})
-  candidates = [name for name in models.model_names() if hidden is None or _width_and_depth(name) == (hidden, depth)]
+  candidates = [name for name in _vit_names() if hidden is None or _width_and_depth(name) == (hidden, depth)]
   if not candidates:
     return None, f"no registry model has hidden size {hidden} and {depth} encoder blocks"
   best = None
@@ -72,13 +103,30 @@ def inspect(path):
   """Prints the parameter table, the total count, the registry model the file matches, and its non-finite
   tensors; `path` is a zoo `.npz` or a training workdir."""
   npz, run_config = trained_model.resolve(path)
-  params = zoo.load(npz)
+  tree = zoo.load(npz)
+  params, model_state = model_state_lib.split(tree)
   flat = zoo.flatten(params)
-  print(parameter_overview.get_parameter_overview(params, include_stats=False))
+  shapes = {key: tuple(v.shape) for key, v in flat.items()}
+  print(parameter_overview.get_parameter_overview(tree, include_stats=False))
   if run_config is not None:
     print(f"file: {npz}")
   print(f"parameters: {sum(int(np.prod(v.shape)) for v in flat.values()):,}")
-  name, reason = match_registry({key: tuple(v.shape) for key, v in flat.items()})
+  for collection, values in model_state.items():
+    count = sum(int(np.prod(v.shape)) for v in zoo.flatten(values).values())
+    print(f"model state: {collection}/ {count:,} values (BatchNorm running statistics, not parameters)")
+  family = zoo.checkpoint_family(shapes)
+  print(f"family: {family} ({models.FAMILIES[family][1]})")
+  if family == "vit":
+    name, reason = match_registry(shapes)
+  else:
+    name, reason, config = match_convolutional(shapes, family)
+    if config is not None:
+      print(f"architecture: {trained_model.architecture(config)}")
+    if config is not None and family == "cnn":
+      try:
+        print(f"image size: {trained_model.cnn_image_size(shapes, config)} px (its dense layer fixes it)")
+      except UserError:
+        pass  # the model line below says why
   print(f"model: {name}" if name else f"model: no registry model matches; {reason}")
   if run_config is not None:
     overrides = " with the overrides of its `model` section" if run_config.get("model") else ""
@@ -86,9 +134,9 @@ def inspect(path):
     print(f"weights: {workdir.exported_weights(run_config)} (config.json: ema_decay, export_ema)")
   if zoo.POSEMB_KEY in flat:
     print(f"position embedding: {flat[zoo.POSEMB_KEY].shape[1]} tokens")
-  if "head/kernel" in flat:
-    print(f"classes: {flat['head/kernel'].shape[-1]}")
-  if found := zoo.non_finite(params):
+  if num_classes := trained_model.num_classes_of(shapes, family):
+    print(f"classes: {num_classes}")
+  if found := zoo.non_finite(tree):
     shown = ", ".join(f"{key} ({count})" for key, count, _ in found[:_NON_FINITE_SHOWN])
     more = f" and {len(found) - _NON_FINITE_SHOWN} more" if len(found) > _NON_FINITE_SHOWN else ""
     print(f"non-finite values (NaN or infinity) in {len(found)} tensor(s): {shown}{more}; infer, evaluate and "

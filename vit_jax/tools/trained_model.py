@@ -1,18 +1,29 @@
 """Load a trained model for inference: from a training workdir or a bare zoo `.npz`, checked against its model.
 
 `load(checkpoint, model_name=None, image_size=None)` returns a `TrainedModel`: the Flax module, its parameters
-(position embeddings resized when `image_size` differs from the checkpoint's), the image size, the test
-preprocessing settings, the class names when known, and the run's config when the checkpoint is a workdir.
+(position embeddings resized when `image_size` differs from the checkpoint's) and model state (BatchNorm
+statistics), the image size, the test preprocessing settings, the class names when known, and the run's config
+when the checkpoint is a workdir. Every model family works: Vision Transformers, BiT ResNet-v2 and the course CNN.
 
 Where the architecture comes from:
 - a workdir: `config.json` (`model_name` plus the `model` overrides, exactly as training built it);
-- a `.npz` with `--model_name`: the registry entry, with the class count and representation size of the file;
-- a bare `.npz`: read off the parameter shapes (width, depth, heads, MLP, patch, ResNet stem). Only `gap` and
-  `unpooled` cannot be told apart by shapes; a file without a class token is taken to be `gap`.
+- a `.npz` with `--model_name`: the registry entry, with the class count and representation size of the file; a
+  file of another family (a BiT file with a ViT name, ...) or a BiT file of another width is refused naming both;
+- a bare `.npz`: its family told by its keys (`zoo.checkpoint_family`), its architecture read off the parameter
+  shapes: a ViT's width, depth, heads, MLP, patch and ResNet stem (only `gap` and `unpooled` cannot be told apart
+  by shapes; a file without a class token is taken to be `gap`); a BiT file's units per stage and width factor; a
+  course CNN's convolution, BatchNorm and dense widths and the image size its dense layer was built for.
 Any parameter whose shape differs from what that model expects, or that holds NaN or infinity, is a UserError
 naming it.
+
+Image size: a ViT runs at its position embeddings' resolution unless told otherwise (they are resampled). The
+convolutional models have no position embeddings: a BiT ResNet runs at any size of at least 32 px (default: the
+run's `pp.crop`, else 224); the course CNN flattens its last feature map into a dense layer, so it runs at the size
+it was trained at (the run's `pp.crop`, or the one its dense layer implies).
 """
 import dataclasses
+import itertools
+import math
 import os
 import re
 from typing import Any, Optional
@@ -26,11 +37,19 @@ import numpy as np
 
 from vit_jax import models, workdir
 from vit_jax.errors import UserError
-from vit_jax.models import geometry, zoo
+from vit_jax.models import bit, geometry, zoo
 from vit_jax.models import state as model_state_lib
 
 _QUERY_KERNEL = re.compile(r"^Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_1/query/kernel$")
 _RESNET_UNIT = re.compile(r"^block(\d+)/unit(\d+)/conv1/kernel$")
+_BIT_UNIT = re.compile(r"^resnet/block(\d+)/unit(\d+)/a/standardized_conv2d/kernel$")
+_CNN_LAYER = re.compile(r"^(conv|bn|dense)(\d+)/(kernel|scale)$")
+# The class count's parameter in each family.
+_HEAD_KERNEL = {"vit": "head/kernel", "bit": "resnet/head/conv2d/kernel", "cnn": "head/kernel"}
+# Where a registry model's fields are read off a BiT or CNN checkpoint (the rest of its config is the registry's).
+_CNN_FIELDS = {"bit": ("block_units", "width_factor"), "cnn": ("conv_widths", "dense_widths")}
+BIT_DEFAULT_IMAGE_SIZE = 224  # BiT's ImageNet resolution: a bare BiT file's default
+BIT_MIN_IMAGE_SIZE = 32  # BiT downsamples 32x (BiTResNet refuses smaller images)
 # model.npz is in the zoo's per-layer layout whatever the run's speed options were; inference also wants the
 # unfused attention, which sows the attention maps the pictures need (same numbers, up to rounding).
 _PLAIN_OPTIONS = {"scan_layers": False, "remat": "none", "fused_attention": False}
@@ -38,10 +57,10 @@ _PLAIN_OPTIONS = {"scan_layers": False, "remat": "none", "fused_attention": Fals
 
 @dataclasses.dataclass
 class TrainedModel:
-  model: Any  # VisionTransformer with the checkpoint's head
+  model: Any  # the Flax module (VisionTransformer, BiTResNet or CourseCNN) with the checkpoint's head
   params: Any  # nested dict of arrays
   model_config: ml_collections.ConfigDict  # the registry's kind of model config
-  image_size: int  # the resolution `params` are for (position embeddings match it)
+  image_size: int  # the resolution the model runs at (a ViT's position embeddings match it)
   pp: dict  # test preprocessing {'crop' (= image_size), 'resize' (None or >= crop)}, as `vit_jax.data` takes it
   class_names: Optional[tuple]  # None when unknown (bare .npz without a labels file)
   run_config: Optional[ml_collections.ConfigDict]  # the training run's config.json when loaded from a workdir
@@ -102,18 +121,143 @@ def config_from_shapes(shapes):
   return ml_collections.ConfigDict(config)  # the type `models.get_model_config` returns
 
 
+def num_classes_of(shapes, family):
+  """The class count of a checkpoint of `family` ('vit', 'bit', 'cnn') with these flat shapes; 0 without a head."""
+  key = _HEAD_KERNEL[family]
+  return shapes[key][-1] if key in shapes else 0
+
+
+def _as_tuples(value):
+  return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def model_field(model_config, field):
+  """A field of a model config, or its module's default when the config leaves it out (CNN-CIFAR's widths)."""
+  if field in model_config:
+    return model_config[field]
+  return models.FAMILIES[models.family(model_config)][0].__dataclass_fields__[field].default
+
+
+def registry_name(family, fields):
+  """The registry name of `family` whose config has these `fields` ({field: value}), or None."""
+  for name in models.model_names():
+    config = models.get_model_config(name)
+    if models.family(config) == family and all(_as_tuples(model_field(config, k)) == _as_tuples(v)
+                                               for k, v in fields.items()):
+      return name
+  return None
+
+
+def architecture(model_config):
+  """One line naming the family and the fields that shape a BiT or CNN model config, e.g. for `inspect`."""
+  if models.family(model_config) == "bit":
+    return (f"BiT ResNet-v2, units per stage {_as_tuples(model_config.block_units)}, width factor "
+            f"{model_config.width_factor}")
+  return (f"plain CNN, convolution widths per stage {_as_tuples(model_field(model_config, 'conv_widths'))}, "
+          f"dense widths {_as_tuples(model_field(model_config, 'dense_widths'))}")
+
+
+def describe(model_config):
+  """The model in messages: its registry name and family, or the architecture of a model read off a file."""
+  if model_config.get("model_name"):
+    return models.family_description(model_config)
+  return f"the {architecture(model_config)}"
+
+
+def _convolutional_config(family, fields):
+  """The registry config whose `fields` these are, or the family's first model with them (no model name)."""
+  name = registry_name(family, fields)
+  if name:
+    return models.get_model_config(name)
+  base = {"bit": "BiT-R50x1", "cnn": "CNN-CIFAR"}[family]
+  config = models.get_model_config(base, **fields)
+  config.model_name = None
+  return config
+
+
+def bit_fields_from_shapes(shapes):
+  """{'block_units', 'width_factor'} of a big_transfer checkpoint: units per stage from the `resnet/block{s}/unit{uu}`
+  keys, the width factor from the root convolution's 64 x width output channels."""
+  root_channels = shapes[bit.ROOT_KEY][-1]
+  if root_channels % 64:
+    raise UserError(f"checkpoint's root convolution {bit.ROOT_KEY} has {root_channels} output channels, not a "
+                    "multiple of 64; it is not a BiT ResNet-v2 checkpoint")
+  units = {}
+  for key in shapes:
+    if m := _BIT_UNIT.match(key):
+      units[int(m.group(1))] = max(units.get(int(m.group(1)), 0), int(m.group(2)))
+  return {"block_units": tuple(units[s] for s in sorted(units)), "width_factor": root_channels // 64}
+
+
+def _cnn_stages(conv_widths, bn_widths):
+  """The convolution widths grouped into stages, each ending in its BatchNorm's width. Equal widths across a stage
+  boundary (128-128) leave several groupings: the one with as many convolutions in every stage is taken (the
+  course CNN's), any other ambiguity is a UserError."""
+  fits = []
+  for cuts in itertools.combinations(range(1, len(conv_widths)), len(bn_widths) - 1):
+    bounds = (0, *cuts, len(conv_widths))
+    stages = tuple(tuple(conv_widths[a:b]) for a, b in zip(bounds, bounds[1:]))
+    if all(stage[-1] == width for stage, width in zip(stages, bn_widths)):
+      fits.append(stages)
+  even = [stages for stages in fits if len({len(stage) for stage in stages}) == 1]
+  if len(fits) == 1 or len(even) == 1:
+    return fits[0] if len(fits) == 1 else even[0]
+  reason = "no grouping" if not fits else f"{len(fits)} groupings"
+  raise UserError(f"cannot tell the stages of this CNN checkpoint: {reason} of its convolution widths "
+                  f"{tuple(conv_widths)} into stages ending in its BatchNorm widths {tuple(bn_widths)}; load it "
+                  "from its training workdir, whose config.json names the model")
+
+
+def cnn_fields_from_shapes(shapes):
+  """{'conv_widths', 'dense_widths'} of a course-CNN checkpoint, from its `conv{i}`, `bn{s}` and `dense{k}` shapes."""
+  widths = {"conv": {}, "bn": {}, "dense": {}}
+  for key, shape in shapes.items():
+    if m := _CNN_LAYER.match(key):
+      widths[m.group(1)][int(m.group(2))] = shape[-1]
+  ordered = {kind: [by_index[i] for i in sorted(by_index)] for kind, by_index in widths.items()}
+  if not ordered["conv"] or not ordered["bn"] or len(ordered["bn"]) > len(ordered["conv"]):
+    raise UserError(f"CNN checkpoint has {len(ordered['conv'])} convolutions (conv1...) and {len(ordered['bn'])} "
+                    "BatchNorm layers (bn1...); the course CNN has at least one of each per stage")
+  return {"conv_widths": _cnn_stages(ordered["conv"], ordered["bn"]), "dense_widths": tuple(ordered["dense"])}
+
+
+def cnn_feature_side(model_config, image_size):
+  """The side of the course CNN's last feature map (what its first dense layer flattens) for square images."""
+  side = int(image_size)
+  for _ in model_field(model_config, "conv_widths"):
+    side //= 2  # each stage's 2x2/2 max pool, 'VALID': odd sizes round down
+  return side
+
+
+def cnn_image_size(shapes, model_config):
+  """The image size a course-CNN checkpoint was trained at: its first dense layer (or head) reads a square
+  side x side x channels feature map, downsampled 2x per stage."""
+  conv_widths = model_field(model_config, "conv_widths")
+  first = "dense1/kernel" if model_field(model_config, "dense_widths") else "head/kernel"
+  channels = conv_widths[-1][-1]
+  positions = shapes[first][0] // channels if first in shapes else 0
+  side = math.isqrt(positions)
+  if positions < 1 or side * side != positions or shapes[first][0] % channels:
+    raise UserError(f"CNN checkpoint's {first} reads {shapes.get(first, ('no', ))[0]} features, not a square map of "
+                    f"{channels}-channel positions; it does not fit {describe(model_config)}")
+  return side * 2 ** len(conv_widths)
+
+
 def _expected_shapes(model, image_size):
+  """Flat shapes of everything `model` stores: its parameters and its state (`batch_stats/...`)."""
   height, width = geometry.image_hw(image_size)
   images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
-  abstract = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)["params"]
-  return flat_shapes(abstract)
+  abstract = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+  return flat_shapes(model_state_lib.merge(*model_state_lib.from_init(abstract)))
 
 
-def check_params_match(params, model, image_size, what):
-  """UserError naming the first difference when `params` are not `model`'s (position-embedding length aside)."""
+def check_params_match(params, model, image_size, what, model_state=None):
+  """UserError naming the first difference when `params` (and `model_state`, BatchNorm statistics) are not
+  `model`'s at `image_size` (a ViT's position-embedding length aside)."""
   expected = _expected_shapes(model, image_size)
+  got = flat_shapes(model_state_lib.merge(params, model_state))
   differences = [f"{key} is {g or 'missing'} in the checkpoint but {w or 'missing'} in the model"
-                 for key, g, w in zoo.shape_differences(flat_shapes(params), expected)]
+                 for key, g, w in zoo.shape_differences(got, expected)]
   if differences:
     raise UserError(f"checkpoint does not match {what}: {len(differences)} difference(s), first: "
                     f"{differences[0]}; pass the --model_name the checkpoint was trained with (or its workdir)")
@@ -186,32 +330,90 @@ def resolve(checkpoint_path):
 
 
 def _read_checkpoint(checkpoint_path):
-  """(params, the run's config or None) of a workdir or a zoo `.npz`; parameters holding NaN or infinity are a
-  UserError (their outputs would be too)."""
+  """(params, model state, the run's config or None) of a workdir or a zoo `.npz`; values holding NaN or infinity
+  are a UserError (their outputs would be too)."""
   npz, run_config = resolve(checkpoint_path)
-  params = zoo.load(npz)
-  zoo.check_finite(params, f"checkpoint {checkpoint_path}", "it is corrupt or from a run that diverged; use "
+  tree = zoo.load(npz)
+  zoo.check_finite(tree, f"checkpoint {checkpoint_path}", "it is corrupt or from a run that diverged; use "
                    "another checkpoint, or retrain (e.g. with a lower --config.base_lr)")
-  return params, run_config
+  params, model_state = model_state_lib.split(tree)
+  return params, model_state, run_config
 
 
-def _model_config(shapes, run_config, model_name, checkpoint_path):
+def config_of_file(shapes, family):
+  """The model config read off a checkpoint's flat shapes: the registry's config when the file is a registry
+  model's (BiT and CNN files), else one built from the shapes."""
+  if family == "bit":
+    return _convolutional_config("bit", bit_fields_from_shapes(shapes))
+  if family == "cnn":
+    return _convolutional_config("cnn", cnn_fields_from_shapes(shapes))
+  return config_from_shapes(shapes)
+
+
+def check_family(shapes, file_family, model_config, source, checkpoint_path, *, named):
+  """UserError naming both when the checkpoint is of another family than `model_config` (called `source`: the
+  `--model_name` when `named`, else a run's config.json), or a BiT file of another width."""
+  want = models.family(model_config)
+  file_name = registry_name(file_family, bit_fields_from_shapes(shapes)) if file_family == "bit" else None
+  if named:
+    fix = f"pass --model_name={file_name} or leave --model_name out" if file_name else "leave --model_name out"
+  else:
+    fix = f"its {workdir.MODEL_FILE} is not this run's; pass the .npz alone"
+  fix += " (the architecture is read off the file)"
+  if file_family != want:
+    raise UserError(f"checkpoint {checkpoint_path} holds {models.FAMILIES[file_family][1]} but {source} is "
+                    f"{models.FAMILIES[want][1]}; {fix}")
+  if file_family == "bit":
+    fields = bit_fields_from_shapes(shapes)
+    if fields["width_factor"] != model_config.width_factor:
+      described = file_name or f"a BiT ResNet-v2 with {fields['block_units']} units per stage"
+      raise UserError(f"checkpoint {checkpoint_path} is {described} (width {fields['width_factor']}) but {source} "
+                      f"has width {model_config.width_factor}; {fix}")
+
+
+def _model_config(shapes, file_family, run_config, model_name, checkpoint_path):
   """(model config, what it is called in errors): the run's model, the named registry model, or the shapes'."""
   if run_config is not None and not model_name:
-    model_config = models.get_model_config(run_config.model_name)
-    if run_config.get("model"):
-      model_config.update(run_config.model.to_dict())
+    overrides = run_config.model.to_dict() if run_config.get("model") else {}
+    # As training built it (`train.model_config_from`): ViT speed options at their off value leave a CNN's config.
+    model_config = models.get_model_config(run_config.model_name, **overrides)
     what = f"model {run_config.model_name} of {checkpoint_path}/{workdir.CONFIG_FILE}"
+    check_family(shapes, file_family, model_config, what, checkpoint_path, named=False)
   elif model_name:
     model_config = models.get_model_config(model_name)
-    model_config.representation_size = shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in shapes else None
+    check_family(shapes, file_family, model_config, f"--model_name={model_name}", checkpoint_path,
+                  named=True)
+    if file_family == "vit":
+      model_config.representation_size = shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in shapes else None
     what = f"model {model_name}"
   else:
-    model_config, what = config_from_shapes(shapes), "the architecture read off its shapes"
-  for field, plain in _PLAIN_OPTIONS.items():
-    if field in models.VisionTransformer.__dataclass_fields__:
-      model_config[field] = plain
+    model_config, what = config_of_file(shapes, file_family), "the architecture read off its shapes"
+  if models.family(model_config) == "vit":
+    model_config.update(_PLAIN_OPTIONS)
   return model_config, what
+
+
+def _convolutional_image_size(model_config, shapes, run_config, image_size):
+  """(the size to run at, the size trained at) of a BiT or CNN model; they have no position embeddings to resample,
+  so BiT runs at any size of at least 32 px and the CNN only where its dense layer fits."""
+  description = describe(model_config)
+  if run_config is not None and run_config.get("pp", {}).get("crop"):
+    trained = int(run_config.pp.crop)
+  elif models.family(model_config) == "bit":
+    trained = BIT_DEFAULT_IMAGE_SIZE
+  else:
+    trained = cnn_image_size(shapes, model_config)
+  size = int(image_size or trained)
+  if models.family(model_config) == "bit" and size < BIT_MIN_IMAGE_SIZE:
+    raise UserError(f"--image_size={size} is too small for {description}: it downsamples 32x; use at least "
+                    f"{BIT_MIN_IMAGE_SIZE} (e.g. {trained}, the default)")
+  if models.family(model_config) == "cnn" and cnn_feature_side(model_config, size) != cnn_feature_side(
+      model_config, trained):
+    side = cnn_feature_side(model_config, trained)
+    raise UserError(f"--image_size={size} does not fit {description}: it flattens the {side}x{side} feature map of "
+                    f"{trained}-px images into a dense layer (there are no position embeddings to resample); drop "
+                    f"--image_size (the model runs at {trained} px)")
+  return size, trained
 
 
 def _test_pp(image_size, run_config):
@@ -224,21 +426,27 @@ def _test_pp(image_size, run_config):
 
 def load(checkpoint_path, *, model_name=None, image_size=None, labels_path=None, with_class_names=True):
   """A `TrainedModel` from a workdir (config.json + model.npz) or a zoo `.npz` file."""
-  params, run_config = _read_checkpoint(checkpoint_path)
+  params, model_state, run_config = _read_checkpoint(checkpoint_path)
   shapes = flat_shapes(params)
-  num_classes = shapes["head/kernel"][-1] if "head/kernel" in shapes else 0
-  model_config, what = _model_config(shapes, run_config, model_name, checkpoint_path)
-  model = models.VisionTransformer(num_classes=num_classes, **model_config)
+  file_family = zoo.checkpoint_family(shapes)
+  model_config, what = _model_config(shapes, file_family, run_config, model_name, checkpoint_path)
+  num_classes = num_classes_of(shapes, file_family)
+  model = models.build(model_config, num_classes=num_classes)
 
-  # Position-embedding length aside, shapes do not depend on the image size: check at one patch per side.
-  check_params_match(params, model, geometry.stride(model_config), what)
-  has_transformer = bool(model_config.get("transformer"))
-  trained_size = posemb_image_size(params, model_config) if has_transformer else None
-  if trained_size is None:
-    trained_size = run_config.pp.crop if run_config is not None else 224
-  image_size = int(image_size or trained_size)
-  if has_transformer:
-    params = resize_posemb(params, model_config, image_size)
+  if models.family(model_config) != "vit":
+    image_size, trained_size = _convolutional_image_size(model_config, shapes, run_config, image_size)
+    # BiT's shapes do not depend on the image size; the CNN's dense layer does, on the size it was trained at.
+    check_params_match(params, model, trained_size, what, model_state)
+  else:
+    # Position-embedding length aside, shapes do not depend on the image size: check at one patch per side.
+    check_params_match(params, model, geometry.stride(model_config), what, model_state)
+    has_transformer = bool(model_config.get("transformer"))
+    trained_size = posemb_image_size(params, model_config) if has_transformer else None
+    if trained_size is None:
+      trained_size = run_config.pp.crop if run_config is not None else 224
+    image_size = int(image_size or trained_size)
+    if has_transformer:
+      params = resize_posemb(params, model_config, image_size)
 
   class_names = None
   if labels_path:
@@ -250,4 +458,4 @@ def load(checkpoint_path, *, model_name=None, image_size=None, labels_path=None,
       class_names = None
   return TrainedModel(model=model, params=params, model_config=model_config, image_size=image_size,
                       pp=_test_pp(image_size, run_config), class_names=class_names, run_config=run_config,
-                      source=checkpoint_path)
+                      source=checkpoint_path, model_state=model_state)

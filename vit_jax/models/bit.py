@@ -25,6 +25,7 @@ BLOCK_UNITS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 GROUPNORM_EPSILON = 1e-5
 WEIGHT_STANDARDIZE_EPSILON = 1e-8
 NUM_GROUPS = 32
+MIN_IMAGE_SIZE = 32  # the network downsamples 32x
 ROOT_KEY = "resnet/root_block/standardized_conv2d/kernel"  # its last axis is 64 x the width factor
 HEAD_PREFIX = "resnet/head/"
 
@@ -190,9 +191,9 @@ class BiTResNet(nn.Module):
   @nn.compact
   def __call__(self, images, *, train=False):
     del train  # no dropout, no batch statistics
-    if images.shape[1] < 32 or images.shape[2] < 32:
+    if images.shape[1] < MIN_IMAGE_SIZE or images.shape[2] < MIN_IMAGE_SIZE:
       raise UserError(f"image size {images.shape[1]}x{images.shape[2]} is too small for {self.model_name or 'BiT'} "
-                      "(it downsamples 32x); use at least 32 px")
+                      f"(it downsamples 32x); use at least {MIN_IMAGE_SIZE} px")
     x = images.astype(jnp.dtype(self.dtype))
     x = _ResNetV2(tuple(self.block_units), int(self.width_factor), self.num_classes, jnp.dtype(self.dtype),
                   name="resnet")(x)

@@ -49,7 +49,6 @@ _HEAD_KERNEL = {"vit": "head/kernel", "bit": "resnet/head/conv2d/kernel", "cnn":
 # Where a registry model's fields are read off a BiT or CNN checkpoint (the rest of its config is the registry's).
 _CNN_FIELDS = {"bit": ("block_units", "width_factor"), "cnn": ("conv_widths", "dense_widths")}
 BIT_DEFAULT_IMAGE_SIZE = 224  # BiT's ImageNet resolution: a bare BiT file's default
-BIT_MIN_IMAGE_SIZE = 32  # BiT downsamples 32x (BiTResNet refuses smaller images)
 # model.npz is in the zoo's per-layer layout whatever the run's speed options were; inference also wants the
 # unfused attention, which sows the attention maps the pictures need (same numbers, up to rounding).
 _PLAIN_OPTIONS = {"scan_layers": False, "remat": "none", "fused_attention": False}
@@ -404,9 +403,9 @@ def _convolutional_image_size(model_config, shapes, run_config, image_size):
   else:
     trained = cnn_image_size(shapes, model_config)
   size = int(image_size or trained)
-  if models.family(model_config) == "bit" and size < BIT_MIN_IMAGE_SIZE:
+  if models.family(model_config) == "bit" and size < bit.MIN_IMAGE_SIZE:
     raise UserError(f"--image_size={size} is too small for {description}: it downsamples 32x; use at least "
-                    f"{BIT_MIN_IMAGE_SIZE} (e.g. {trained}, the default)")
+                    f"{bit.MIN_IMAGE_SIZE} (e.g. {trained}, the default)")
   if models.family(model_config) == "cnn" and cnn_feature_side(model_config, size) != cnn_feature_side(
       model_config, trained):
     side = cnn_feature_side(model_config, trained)

@@ -2,14 +2,30 @@
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import types
 
 import pytest
 
 from tests import xla_flags
+from vit_jax import flops, models
 from vit_jax.host import allocator
 from vit_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# As tests/test_convert.py: the real timm peer needs the `.peer` venv (torch + timm) and VIT_JAX_PEER_DIR.
+PEER_PYTHON = os.path.join(REPO, ".peer", "bin", "python")
+PEER_DIR = os.environ.get("VIT_JAX_PEER_DIR")
+PEER_STUB = os.path.join(PEER_DIR, "tv_stub") if PEER_DIR else None
+
+
+def _peer_available():
+  if not PEER_STUB or not os.path.isdir(PEER_STUB) or not os.path.exists(PEER_PYTHON):
+    return False
+  return subprocess.run([PEER_PYTHON, "-c", "import torch, timm"], capture_output=True,
+                        env={**os.environ, "PYTHONPATH": PEER_STUB}).returncode == 0
 
 
 def run_benchmark(*args, **environ):
@@ -90,6 +106,84 @@ def test_peer_runs_on_the_same_shape_after_the_benchmark(tmp_path):
                                     "vit_tiny_patch16_224 --steps 2 --warmup 1")
   assert peer["pythonpath"] == str(tmp_path / "tv_stub")
   assert report["speedup_vs_peer"] == round(report["img_per_sec"] / 50.0, 2)
+
+
+# --- convolutional models ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,mode,size", [("CNN-CIFAR", "train", 32), ("CNN-CIFAR", "infer", 44),
+                                             ("BiT-R50x1", "infer", 32)])
+def test_convolutional_models_benchmark(model, mode, size):
+  """The course CNN's train step updates its BatchNorm statistics (a mutable collection in the step), inference
+  reads them; BiT runs; the FLOPs are the convolutional count, which XLA's own count is close to."""
+  result = run_benchmark(f"--model_name={model}", f"--mode={mode}", f"--image_size={size}", "--dtype=float32")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["family"] == ("cnn" if model == "CNN-CIFAR" else "bit") and report["patch"] is None
+  assert report["step_ms"] > 0 and 0 < report["mfu"] < 1
+  config = models.get_model_config(model)
+  expected = flops.forward_flops_per_image(config, size, 10) * 4 * (3 if mode == "train" else 1) / 1e9
+  assert report["model_gflops_per_step"] == pytest.approx(expected, abs=0.01)
+  # XLA skips the taps on padding and adds norms, the optimizer and BiT's weight standardisation per step.
+  assert report["xla_gflops_per_step"] == pytest.approx(report["model_gflops_per_step"], rel=0.3)
+
+
+def bench_args(**overrides):
+  """The benchmark's flag values, as `FLAGS` holds them after parsing."""
+  values = dict(model_name="BiT-R50x1", batch=8, image_size=224, num_classes=10, mode="infer", patch=0,
+                remat="none", scan_layers=False, fused_attention=False, steps=3, warmup=1, peer_python="/peer/python",
+                peer_dir=None, peer_compile=False, dtype="auto", optimizer="sgd")
+  return types.SimpleNamespace(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("flags_, message", [
+    (dict(scan_layers=True), "--scan_layers is for Vision Transformers, not for BiT-R50x1 (a BiT ResNet-v2); drop it"),
+    (dict(remat="full", fused_attention=True), "--remat=full, --fused_attention are for Vision Transformers"),
+    (dict(model_name="CNN-CIFAR", patch=4), "--patch=4 is for Vision Transformers, not for CNN-CIFAR (a plain CNN)"),
+])
+def test_vit_flags_with_a_convolutional_model_are_a_user_error(flags_, message):
+  from vit_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
+  args = bench_args(**flags_)
+  with pytest.raises(UserError, match=re.escape(message)):
+    benchmark.check_args(args, models.get_model_config(args.model_name))
+  vit = bench_args(**{**flags_, "model_name": "ViT-Ti_16"})
+  benchmark.check_args(vit, models.get_model_config(vit.model_name))  # the same flags are fine for a ViT
+
+
+def test_bit_peer_is_timm_resnetv2_bit_without_vit_arguments(tmp_path):
+  """timm_bench.py passes img_size and patch_size, which timm's ResNetV2 refuses: a BiT's peer is the script of
+  the benchmark itself, with timm's name and the shape, dtype and torch.compile choice."""
+  from vit_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
+  (tmp_path / "timm_bench.py").write_text(FAKE_PEER)
+  args = bench_args(model_name="BiT-R101x3", peer_dir=str(tmp_path), num_classes=1000, peer_compile=True,
+                    mode="train")
+  command, env = benchmark.peer_command(args, "bfloat16", models.get_model_config(args.model_name))
+  assert command[:3] == ["/peer/python", "-c", benchmark.TIMM_CNN_PEER]
+  assert json.loads(command[3]) == dict(name="resnetv2_101x3_bit", num_classes=1000, mode="train", dtype="bf16",
+                                        batch=8, image_size=224, steps=3, warmup=1, compile=True)
+  assert env["PYTHONPATH"] == str(tmp_path / "tv_stub")
+  vit = bench_args(model_name="ViT-Ti_16", peer_dir=str(tmp_path), peer_compile=True)
+  with pytest.raises(UserError, match="--peer_compile is for the BiT peer"):
+    benchmark.peer_command(vit, "float32", models.get_model_config(vit.model_name))
+  cnn = bench_args(model_name="CNN-CIFAR", peer_dir=str(tmp_path))
+  with pytest.raises(UserError, match="no timm twin for CNN-CIFAR"):
+    benchmark.peer_command(cnn, "float32", models.get_model_config(cnn.model_name))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _peer_available(), reason="needs a .peer venv with torch and timm, and VIT_JAX_PEER_DIR")
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_bit_peer_runs_timm(mode):
+  result = run_benchmark("--model_name=BiT-R50x1", f"--mode={mode}", "--dtype=float32", "--steps=1",
+                         f"--peer_python={PEER_PYTHON}", VIT_JAX_PEER_DIR=PEER_DIR)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  peer = report["peer"]
+  assert (peer["name"], peer["mode"], peer["dtype"], peer["batch"], peer["image_size"]) == (
+      "resnetv2_50x1_bit", mode, "f32", 4, 32)
+  assert peer["params"] == 23_520_842  # R50x1 with a 10-class head: the same model as ours
+  assert report["speedup_vs_peer"] == round(report["img_per_sec"] / peer["img_per_sec"], 2)
 
 
 @pytest.mark.parametrize("peak", [lambda b: 1000 + 37 * b,  # affine, as XLA's peak nearly is

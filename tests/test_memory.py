@@ -158,3 +158,71 @@ def test_cli_report_table_and_errors():
   bad = run("--model_name=ViT-B_16", "--batch=8", "--mesh.foo=2")
   assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
   assert bad.stderr.startswith("error: bad command-line flag (Unknown command line flag mesh.foo")
+
+
+# --- the convolutional families: activations measured from the compiled gradient ---------------------------------
+
+
+def test_convolutional_parameter_counts_are_exact():
+  # timm's resnetv2_50x1_bit with a 1000-class head (25.5 M on its model card; 23,520,842 with 10 classes).
+  params, _ = memory.abstract_state("BiT-R50x1", image_size=64)
+  assert sum(math.prod(x.shape) for x in jax.tree.leaves(params)) == 25_549_352
+  # The course CNN by hand: six 3x3 convolutions, three BatchNorms (scale, bias), two dense layers and the head.
+  convs = sum(9 * i * o + o for i, o in ((3, 32), (32, 64), (64, 128), (128, 128), (128, 256), (256, 256)))
+  expected = convs + 2 * (64 + 128 + 256) + (4 * 4 * 256 * 1024 + 1024) + (1024 * 512 + 512) + (512 * 10 + 10)
+  e = memory.estimate("CNN-CIFAR", batch=8, image_size=32, num_classes=10, optimizer="sgd", dtype="float32")
+  assert e.num_params == expected == 5_852_234 and e.params == 4 * expected
+  assert e.activations_from == "measured on XLA:cpu"
+
+
+def conv_gradient_temp_bytes(model_name, batch, image_size):
+  """XLA's temporary bytes of the training-mode loss gradient of a convolutional registry model (BatchNorm on the
+  batch's statistics, its updates returned as flax returns them)."""
+  model = models.get_model(model_name, num_classes=10)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3))))
+
+  def loss(variables_, x, y):
+    mutable = [k for k in variables_ if k != "params"]
+    logits, _ = model.apply(variables_, x, train=True, mutable=mutable)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  compiled = jax.jit(jax.grad(loss)).lower(
+      variables, jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32),
+      jax.ShapeDtypeStruct((batch,), jnp.int32)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("model_name", ["CNN-CIFAR", pytest.param("BiT-R50x1", marks=pytest.mark.slow)])
+def test_measured_activations_are_the_batch_dependent_temporaries(model_name):
+  """The activation term at the per-device batch (16 of 64 on 4 devices) is XLA's temporaries of that batch's
+  gradient less their part that does not grow with the batch (extrapolated from batches 1 and 2); it grows with
+  the pixels. Per example it is more than a small batch's slope suggests: XLA:CPU's bytes per example grow with the
+  batch, which is why the tool compiles the batch asked for."""
+  image_size = 32
+  temp = {b: conv_gradient_temp_bytes(model_name, b, image_size) for b in (1, 2, 16)}
+  fixed = 2 * temp[1] - temp[2]
+  assert 0 < fixed < temp[1]
+  e = memory.estimate(model_name, batch=64, image_size=image_size, mesh={"data": 4}, num_devices=4, dtype="float32",
+                      num_classes=10)
+  assert e.per_device_batch == 16 and e.activations == temp[16] - fixed
+  assert e.activations >= 0.95 * 16 * (temp[2] - temp[1])
+  bigger = memory.estimate(model_name, batch=64, image_size=2 * image_size, mesh={"data": 4}, num_devices=4,
+                           dtype="float32", num_classes=10)
+  assert 3 * e.activations < bigger.activations < 5 * e.activations  # 4x the pixels, about 4x the activations
+
+
+def test_remat_with_a_convolutional_model_is_a_user_error():
+  with pytest.raises(UserError, match=r"--remat=full is for Vision Transformers, not for CNN-CIFAR \(a plain CNN\)"):
+    memory.estimate("CNN-CIFAR", batch=8, image_size=32, remat="full")
+  config = models.get_model_config("BiT-R50x1")
+  with pytest.raises(UserError, match="no activation formula for BiT-R50x1"):
+    memory.activation_bytes_per_example(config, image_size=224)
+
+
+@pytest.mark.slow
+def test_cli_reports_a_bit_model():
+  result = subprocess.run([sys.executable, "-m", "vit_jax.tools.memory", "--model_name=BiT-R50x1", "--batch=64",
+                           "--image_size=64", "--devices=8", "--mesh.data=-1"], capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "BiT-R50x1: 25,549,352 parameters" in result.stdout
+  assert "activations (measured on XLA:cpu, bfloat16, 8 images)" in result.stdout and "total" in result.stdout

@@ -2,6 +2,7 @@
 
   python -m vit_jax.tools.benchmark --model_name=ViT-B_16 --image_size=224 --batch=256 --mode=train --dtype=bfloat16
   python -m vit_jax.tools.benchmark --model_name=ViT-L_16 --batch=0 --remat=full --mesh.fsdp=-1 --mesh.data=1
+  python -m vit_jax.tools.benchmark --model_name=BiT-R50x1 --image_size=224 --batch=32 --mode=infer
 
 Speed is only comparable against a ceiling measured the same way on the same machine, so the step is the one
 training compiles (`vit_jax.steps`) and the ceiling a matmul measured in the same run; measured figures live in
@@ -13,10 +14,16 @@ analytic FLOP count next to XLA's own cost analysis, and the allocator the proce
 `--batch=0` first finds the largest global batch whose step fits in device memory (XLA's peak from compiling, no
 step run; `largest_batch`), then benchmarks it; the JSON says which batches were tried.
 
-`--peer_python=.peer/bin/python` also runs the timm peer (`timm_bench.py` in `--peer_dir`, default
-`$VIT_JAX_PEER_DIR`) on the same shape right after, for a side-by-side ratio, in the environment the benchmark was
-started with (`vit_jax.host.allocator` restores it after choosing ours; start the benchmark with `LD_PRELOAD` set to
-give both the same allocator).
+Every family runs (ViTs, BiT ResNets, the course CNN, whose train step updates its BatchNorm statistics); the
+ViT-only flags (`--patch`, `--remat`, `--scan_layers`, `--fused_attention`) with a convolutional model are an error.
+The FLOPs are `vit_jax.flops`' analytic count of convolutions and matmuls for every family.
+
+`--peer_python=.peer/bin/python` also runs the timm peer on the same shape right after, for a side-by-side ratio, in
+the environment the benchmark was started with (`vit_jax.host.allocator` restores it after choosing ours; start the
+benchmark with `LD_PRELOAD` set to give both the same allocator). A ViT's peer is `timm_bench.py` in `--peer_dir`
+(default `$VIT_JAX_PEER_DIR`); a BiT's is `TIMM_CNN_PEER` below, the same step (Adam, cross-entropy, bf16 autocast
+for `--dtype=bfloat16`) on timm's `resnetv2_*_bit` with the venv's torchvision stand-in from `--peer_dir`, and
+`--peer_compile` runs it under `torch.compile`.
 """
 import dataclasses
 import json
@@ -46,8 +53,12 @@ SEARCH_TOLERANCE = 1 / 32  # the largest batch is searched to within ~3%
 PEER_DIR_VARIABLE = "VIT_JAX_PEER_DIR"
 # Registry models with a timm twin of the same shapes, for --peer_python.
 TIMM_NAMES = {"ViT-Ti_16": "vit_tiny_patch16_224", "ViT-S_16": "vit_small_patch16_224",
-              "ViT-B_16": "vit_base_patch16_224", "ViT-L_16": "vit_large_patch16_224"}
-PEER_NUM_CLASSES = 10  # the head of timm_bench.py
+              "ViT-B_16": "vit_base_patch16_224", "ViT-L_16": "vit_large_patch16_224",
+              **{f"BiT-R{depth}x{width}": f"resnetv2_{depth}x{width}_bit"
+                 for depth, width in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))}}
+PEER_NUM_CLASSES = 10  # the head of timm_bench.py (the ViT peer)
+# The ViT-only benchmark flags and their off values.
+VIT_FLAGS = {"patch": 0, "remat": "none", "scan_layers": False, "fused_attention": False}
 
 
 def define_flags():
@@ -66,6 +77,8 @@ def define_flags():
   flags.DEFINE_string("peer_python", None, "Python of a torch+timm venv: also run the timm peer on this shape.")
   flags.DEFINE_string("peer_dir", None, f"Folder of the timm peer (timm_bench.py, tv_stub/); default: "
                       f"${PEER_DIR_VARIABLE}.")
+  flags.DEFINE_bool("peer_compile", False, "Run the timm peer under torch.compile (BiT models; the ViT peer, "
+                    "timm_bench.py, runs eagerly).")
 
 
 # --- measuring helpers ---------------------------------------------------------------------------------------
@@ -159,7 +172,14 @@ def largest_batch(peak_bytes, *, step, limit, tolerance=SEARCH_TOLERANCE, max_tr
 # --- config and model ----------------------------------------------------------------------------------------
 
 
-def check_args(args):
+def check_args(args, model_config):
+  """UserErrors for flags that cannot work together, before anything compiles."""
+  if models.family(model_config) != "vit":
+    used = [f"--{name}" if value is True else f"--{name}={value}" for name, value in
+            ((name, getattr(args, name)) for name in VIT_FLAGS) if value != VIT_FLAGS[name]]
+    if used:
+      raise UserError(f"{', '.join(used)} {'is' if len(used) == 1 else 'are'} for Vision Transformers, not for "
+                      f"{models.family_description(model_config)}; drop {'it' if len(used) == 1 else 'them'}")
   if args.batch < 0:
     raise UserError(f"--batch={args.batch} must be positive, or 0 for the largest batch that fits")
   if args.batch == 0 and args.peer_python:
@@ -167,13 +187,15 @@ def check_args(args):
 
 
 def make_model(args):
-  """(model at float32, its model config): the registry model with the benchmark's speed options and patch."""
-  overrides = dict(remat=args.remat, scan_layers=args.scan_layers, fused_attention=args.fused_attention)
-  model_config = models.get_model_config(args.model_name)
-  if args.patch:
-    overrides["patches"] = dict(size=(args.patch, args.patch))
-    model_config.patches.size = (args.patch, args.patch)
-  return models.get_model(args.model_name, num_classes=args.num_classes, **overrides), model_config
+  """(model at float32, its model config): the registry model with the benchmark's speed options and patch (ViTs;
+  `check_args` has refused them for the other families)."""
+  overrides = {}
+  if models.family(models.get_model_config(args.model_name)) == "vit":
+    overrides = dict(remat=args.remat, scan_layers=args.scan_layers, fused_attention=args.fused_attention)
+    if args.patch:
+      overrides["patches"] = dict(size=(args.patch, args.patch))
+  model_config = models.get_model_config(args.model_name, **overrides)
+  return models.build(model_config, num_classes=args.num_classes), model_config
 
 
 def make_mesh(args, model):
@@ -197,11 +219,12 @@ class Step:
   def lower(self, images, labels):
     if self.mode == "train":
       return self.fn.lower(self.abstract_state, {"image": images, "label": labels})
-    return self.fn.lower(self.abstract_state.params, images)
+    return self.fn.lower(self.abstract_state.variables(), images)
 
 
 def make_step(args, model, mesh):
-  """The train step of `vit_jax.steps` (supervised softmax cross-entropy, `--optimizer`) or the forward pass."""
+  """The train step of `vit_jax.steps` (supervised softmax cross-entropy, `--optimizer`; BatchNorm normalises with
+  the batch and updates its statistics) or the forward pass (on the parameters and the model's state)."""
   tx, schedule = optim.make_optimizer(
       optimizer=args.optimizer, base_lr=1e-3, total_steps=1000, warmup_steps=10, decay_type="cosine",
       weight_decay=0.0 if args.optimizer == "sgd" else 0.1, grad_norm_clip=1.0)
@@ -213,8 +236,8 @@ def make_step(args, model, mesh):
   if args.mode == "train":
     fn = steps.make_train_step(model, tx, schedule, Supervised().loss_fn, mesh=mesh, state_shardings=state_shardings)
   else:
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False),
-                 in_shardings=(state_shardings.params, sharding.batch_sharding(mesh)))
+    fn = jax.jit(lambda variables, x: model.apply(variables, x, train=False),
+                 in_shardings=(state_shardings.variables(), sharding.batch_sharding(mesh)))
   return Step(fn=fn, init_fn=init_fn, state_shardings=state_shardings, abstract_state=abstract_state,
               mode=args.mode)
 
@@ -271,8 +294,9 @@ def compile_report(args, *, model_config, mesh, dtype_name, batch, compiled, com
   """What is known without running a step: the setup, compile time, FLOP counts and peak memory."""
   xla_flops, peak_bytes = compiled_stats(compiled)
   return {
-      "model": args.model_name, "mode": args.mode, "dtype": dtype_name, "image_size": args.image_size,
-      "patch": args.patch or model_config.patches.size[0], "batch": batch, "remat": args.remat,
+      "model": args.model_name, "family": models.family(model_config), "mode": args.mode, "dtype": dtype_name,
+      "image_size": args.image_size, "patch": model_config.patches.size[0] if "patches" in model_config else None,
+      "batch": batch, "remat": args.remat,
       "scan_layers": args.scan_layers, "fused_attention": args.fused_attention, "mesh": dict(mesh.shape),
       "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
       "allocator": allocator.describe(allocator_name),  # what holds XLA:CPU's buffers (vit_jax.host.allocator)
@@ -302,7 +326,7 @@ def run_report(args, *, step: Step, compiled, mesh, dtype_name, batch, flops_per
       state[0], metrics = compiled(state[0], {"image": images, "label": labels})
       jax.block_until_ready(metrics)
     else:
-      compiled(state[0].params, images).block_until_ready()
+      compiled(state[0].variables(), images).block_until_ready()
 
   step_s = time_steps(run, args.warmup, args.steps)
   peak = flops.peak_flops(precision.DTYPES[dtype_name], mesh.size)
@@ -314,12 +338,12 @@ def run_report(args, *, step: Step, compiled, mesh, dtype_name, batch, flops_per
 
 def benchmark(args, allocator_name: Optional[str] = None):
   """The benchmark's JSON record; `allocator_name` is what `host.restart_with_fast_allocator` returned."""
-  check_args(args)
+  check_args(args, models.get_model_config(args.model_name))
   model, model_config = make_model(args)
   mesh = make_mesh(args, model)
   platform = mesh.devices.flat[0].platform
   dtype_name = precision.resolve_dtype(args.dtype, platform)
-  peer = peer_command(args, dtype_name) if args.peer_python else None  # checked before the long part
+  peer = peer_command(args, dtype_name, model_config) if args.peer_python else None  # checked before the long part
   model = model.clone(dtype=precision.DTYPES[dtype_name])
   vit.warn_if_remat_saves_nothing(args.remat, args.scan_layers, platform)
   step = make_step(args, model, mesh)
@@ -359,27 +383,79 @@ def peer_dir(args):
   return directory
 
 
-def peer_command(args, dtype_name):
+# The BiT peer: timm_bench.py builds ViTs only (it passes img_size and patch_size), so the same step on timm's
+# `resnetv2_*_bit` runs from here, in the peer's venv. argv[1]: JSON of name, num_classes, mode, dtype (f32|bf16),
+# batch, image_size, steps, warmup, compile. Prints one JSON line, as timm_bench.py does.
+TIMM_CNN_PEER = r"""
+import json, sys, time
+import timm, torch
+a = json.loads(sys.argv[1])
+torch.manual_seed(0)
+model = timm.create_model(a["name"], pretrained=False, num_classes=a["num_classes"])
+forward = torch.compile(model) if a["compile"] else model
+x = torch.rand(a["batch"], 3, a["image_size"], a["image_size"]) * 2 - 1
+y = torch.randint(0, a["num_classes"], (a["batch"],))
+opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=a["dtype"] == "bf16")
+
+def step():
+  if a["mode"] == "train":
+    model.train(); opt.zero_grad(set_to_none=True)
+    with autocast():
+      loss = torch.nn.functional.cross_entropy(forward(x), y)
+    loss.backward(); opt.step()
+  else:
+    model.eval()
+    with torch.inference_mode(), autocast():
+      forward(x)
+
+start = time.perf_counter(); step(); first_s = time.perf_counter() - start
+for _ in range(a["warmup"] - 1): step()
+times = []
+for _ in range(a["steps"]):
+  start = time.perf_counter(); step(); times.append(time.perf_counter() - start)
+times.sort(); median = times[len(times) // 2]
+print(json.dumps({"peer": "timm", "name": a["name"], "mode": a["mode"], "dtype": a["dtype"], "batch": a["batch"],
+                  "image_size": a["image_size"], "compiled": a["compile"], "first_step_s": round(first_s, 2),
+                  "params": sum(p.numel() for p in model.parameters()), "step_ms": round(median * 1e3, 1),
+                  "img_per_sec": round(a["batch"] / median, 1), "threads": torch.get_num_threads()}))
+"""
+
+
+def peer_command(args, dtype_name, model_config):
   """(command, environment) that runs the timm peer on the benchmark's shape and dtype (`dtype_name`: float32 or
   bfloat16, bf16 autocast for timm), in its own venv: torch is never our dependency."""
   directory = peer_dir(args)
+  timm_dtype = {"float32": "f32", "bfloat16": "bf16"}[dtype_name]
+  env = dict(os.environ, PYTHONPATH=os.path.join(directory, "tv_stub"))
+  twins = f"use one of {', '.join(TIMM_NAMES)} with --peer_python"
+  if models.family(model_config) != "vit":
+    if args.model_name not in TIMM_NAMES:
+      raise UserError(f"no timm twin for {args.model_name}; {twins}")
+    options = dict(name=TIMM_NAMES[args.model_name], num_classes=args.num_classes, mode=args.mode, dtype=timm_dtype,
+                   batch=args.batch, image_size=args.image_size, steps=args.steps, warmup=max(args.warmup, 1),
+                   compile=args.peer_compile)
+    return [args.peer_python, "-c", TIMM_CNN_PEER, json.dumps(options)], env
+  if args.peer_compile:
+    raise UserError(f"--peer_compile is for the BiT peer; the ViT peer of {args.model_name} (timm_bench.py) runs "
+                    "eagerly: drop --peer_compile")
   if args.num_classes != PEER_NUM_CLASSES:
     raise UserError(f"the timm peer script trains {PEER_NUM_CLASSES} classes; pass --num_classes={PEER_NUM_CLASSES} "
                     f"(not {args.num_classes})")
   if args.model_name not in TIMM_NAMES:
-    raise UserError(f"no timm twin for {args.model_name}; use one of {', '.join(TIMM_NAMES)} with --peer_python")
-  command = [args.peer_python, os.path.join(directory, "timm_bench.py"), "--mode", args.mode, "--dtype",
-             {"float32": "f32", "bfloat16": "bf16"}[dtype_name], "--batch", str(args.batch), "--image_size",
-             str(args.image_size), "--patch", str(args.patch or 16), "--name", TIMM_NAMES[args.model_name],
-             "--steps", str(args.steps), "--warmup", str(args.warmup)]
-  return command, dict(os.environ, PYTHONPATH=os.path.join(directory, "tv_stub"))
+    raise UserError(f"no timm twin for {args.model_name}; {twins}")
+  command = [args.peer_python, os.path.join(directory, "timm_bench.py"), "--mode", args.mode, "--dtype", timm_dtype,
+             "--batch", str(args.batch), "--image_size", str(args.image_size), "--patch", str(args.patch or 16),
+             "--name", TIMM_NAMES[args.model_name], "--steps", str(args.steps), "--warmup", str(args.warmup)]
+  return command, env
 
 
 def run_peer(command, env):
   """The timm peer's JSON line."""
   result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
   if result.returncode:
-    raise UserError(f"the timm peer failed ({' '.join(command)}): {result.stderr.strip().splitlines()[-1:]}")
+    shown = " ".join("TIMM_CNN_PEER" if part == TIMM_CNN_PEER else part for part in command)
+    raise UserError(f"the timm peer failed ({shown}): {result.stderr.strip().splitlines()[-1:]}")
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 

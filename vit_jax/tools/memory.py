@@ -3,26 +3,35 @@
   python -m vit_jax.tools.memory --model_name=ViT-H_14 --batch=4096 --image_size=224 --devices=256 \
       --mesh.data=-1 --mesh.fsdp=16 --optimizer=adamw --remat=full --dtype=bfloat16
   python -m vit_jax.tools.memory --table   # the table of docs/scaling.md
+  python -m vit_jax.tools.memory --model_name=BiT-R50x1 --batch=256 --image_size=224 --devices=8 --mesh.data=-1
 
 Parameters and optimizer state are counted exactly: `jax.eval_shape` of the model's init and of the optax
 optimizer of `vit_jax.optim`, sharded by the parameter rules of `vit_jax.sharding` (a dimension is split only when
 its mesh axis divides it, as in training). Activations are analytic: what the backward pass keeps per encoder
 block (formulas in `block_activation_bytes` and docs/scaling.md). XLA's temporary buffers, the data pipeline and
 the runtime's reserve are not counted: plan for ~10-20% headroom.
+
+The convolutional families (BiT ResNets, the course CNN) have no such formula: their activations are measured,
+XLA's temporary bytes of the compiled loss gradient at the per-device batch on this process's backend, less the
+part that does not grow with the batch (`measured_activation_bytes`; compiled from shapes alone, nothing
+allocated: seconds to a minute). On a CPU host that is XLA:CPU's plan, which fuses and lays out differently from a
+GPU's or TPU's: a guide, not a bound. BatchNorm's running statistics (a few KiB) are not counted.
 """
 import dataclasses
 import functools
 import math
 from typing import Dict
 
-from absl import flags
+from absl import flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from vit_jax import models, optim, sharding
 from vit_jax.errors import UserError
 from vit_jax.models import geometry, precision
+from vit_jax.models import state as model_state_lib
 from vit_jax.tools import cli
 
 FLAGS = flags.FLAGS
@@ -33,13 +42,14 @@ PLANNED_PLATFORM = "tpu"
 
 @dataclasses.dataclass
 class Estimate:
-  """Bytes per device; `params` etc. are exact, `activations` analytic."""
+  """Bytes per device; `params` etc. are exact, `activations` analytic (ViTs) or measured (`activations_from`)."""
   num_params: int
   params: int
   gradients: int
   optimizer: int
   activations: int
   per_device_batch: float
+  activations_from: str = "analytic"  # or "measured on XLA:<platform>" (the convolutional families)
 
   @property
   def total(self) -> int:
@@ -130,7 +140,10 @@ def residual_bytes_per_example(model_config, *, image_size, dtype="float32", rem
 
 
 def activation_bytes_per_example(model_config, *, image_size, dtype="float32", remat="none", tensor=1) -> float:
-  """Activation memory per example of a training step: the residuals plus one block's working set."""
+  """Activation memory per example of a ViT's training step: the residuals plus one block's working set."""
+  if models.family(model_config) != "vit":
+    raise UserError(f"no activation formula for {models.family_description(model_config)}; "
+                    "measured_activation_bytes compiles its gradient instead")
   saved = residual_bytes_per_example(model_config, image_size=image_size, dtype=dtype, remat=remat, tensor=tensor)
   transformer = model_config.get("transformer")
   if transformer is None:
@@ -138,6 +151,45 @@ def activation_bytes_per_example(model_config, *, image_size, dtype="float32", r
   block = block_activation_bytes(geometry.num_tokens(model_config, image_size), model_config.hidden_size,
                                  transformer.mlp_dim, transformer.num_heads, bytes_per_element(dtype), remat, tensor)
   return saved + block["working"]
+
+
+@functools.lru_cache(maxsize=None)
+def gradient_temp_bytes(model_name, *, batch, image_size, dtype="float32", num_classes=1000) -> int:
+  """XLA's temporary bytes of the compiled loss gradient of `batch` examples (softmax cross-entropy, training mode:
+  BatchNorm on the batch's statistics) on this process's default backend, compiled from shapes alone."""
+  compute_dtype = precision.DTYPES[precision.resolve_dtype(dtype, PLANNED_PLATFORM)]
+  model = models.get_model(model_name, num_classes=num_classes, dtype=compute_dtype)
+  height, width = geometry.image_hw(image_size)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, height, width, 3)),
+                                                train=False))
+  params, model_state = model_state_lib.from_init(variables)
+
+  def loss(params_, model_state_, images, labels):
+    logits, _ = model_state_lib.train_apply(model, model_state_lib.variables(params_, model_state_), images,
+                                            jax.random.PRNGKey(0))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  compiled = jax.jit(jax.grad(loss)).lower(
+      params, model_state, jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32),
+      jax.ShapeDtypeStruct((batch,), jnp.int32)).compile()
+  memory = compiled.memory_analysis()
+  if memory is None:
+    raise UserError(f"{model_name}'s activations are measured from XLA's memory analysis, which "
+                    f"{jax.default_backend()} does not give; run the tool on a CPU, GPU or TPU host")
+  return memory.temp_size_in_bytes
+
+
+def measured_activation_bytes(model_name, *, batch, image_size, dtype="float32", num_classes=1000) -> float:
+  """Activation bytes of a training step of `batch` examples on one device, for a model without an analytic
+  formula (the convolutional families): XLA's temporaries of the compiled gradient at that batch, less what does
+  not grow with the batch (BiT's standardised kernels, gradient buffers), extrapolated to batch 0 from batches 1
+  and 2. Three compilations (seconds to a minute each). Not the slope of two small batches times the batch: on
+  XLA:CPU the bytes per example grow with the batch (the course CNN at 32 px: 2.3 MiB per example between batches
+  2 and 8, 3.4 between 64 and 128)."""
+  temp = functools.partial(gradient_temp_bytes, model_name, image_size=image_size, dtype=dtype,
+                           num_classes=num_classes)
+  fixed = 2 * temp(batch=1) - temp(batch=2)
+  return temp(batch=batch) - fixed
 
 
 def estimate(model_name, *, batch, image_size, mesh=None, num_devices=None, optimizer="adamw", remat="none",
@@ -150,15 +202,25 @@ def estimate(model_name, *, batch, image_size, mesh=None, num_devices=None, opti
   batch_shards = sizes["data"] * sizes["fsdp"]
   sharding.check_divisible("batch", batch, shards=batch_shards, processes=1, accum_steps=accum_steps)
   model_config = models.get_model_config(model_name)
+  convolutional = models.family(model_config) != "vit"
+  if convolutional and remat != "none":
+    raise UserError(f"--remat={remat} is for Vision Transformers, not for {models.family_description(model_config)}; "
+                    "drop it")
   params, opt_state = abstract_state(model_name, image_size=image_size, num_classes=num_classes,
                                      optimizer=optimizer, momentum_dtype=momentum_dtype)
   param_bytes = sharded_bytes(params, sizes)
   per_device_batch = batch / batch_shards / accum_steps
-  activations = per_device_batch * activation_bytes_per_example(
-      model_config, image_size=image_size, dtype=dtype, remat=remat, tensor=sizes["tensor"])
+  if convolutional:
+    activations = measured_activation_bytes(model_name, batch=int(per_device_batch), image_size=image_size,
+                                            dtype=dtype, num_classes=num_classes)
+    activations_from = f"measured on XLA:{jax.default_backend()}"
+  else:
+    activations = per_device_batch * activation_bytes_per_example(
+        model_config, image_size=image_size, dtype=dtype, remat=remat, tensor=sizes["tensor"])
+    activations_from = "analytic"
   return Estimate(num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)), params=param_bytes,
                   gradients=param_bytes, optimizer=sharded_bytes(opt_state, sizes), activations=int(activations),
-                  per_device_batch=per_device_batch)
+                  per_device_batch=per_device_batch, activations_from=activations_from)
 
 
 # --- the guide's table ------------------------------------------------------------------------------------------
@@ -213,9 +275,10 @@ def define_flags():
 
 
 def report(e: Estimate, *, model_name, optimizer, remat, dtype, mesh_sizes, batch, image_size) -> str:
+  how = f"remat={remat}" if e.activations_from == "analytic" else e.activations_from  # a CNN has no remat
   rows = [("parameters (float32)", e.params), ("gradients (float32)", e.gradients),
           (f"optimizer state ({optimizer})", e.optimizer),
-          (f"activations (remat={remat}, {dtype}, {e.per_device_batch:g} images)", e.activations),
+          (f"activations ({how}, {dtype}, {e.per_device_batch:g} images)", e.activations),
           ("total", e.total)]
   width = max(len(r[0]) for r in rows)
   head = (f"{model_name}: {e.num_params:,} parameters; per device of mesh {mesh_sizes}, "
@@ -224,6 +287,7 @@ def report(e: Estimate, *, model_name, optimizer, remat, dtype, mesh_sizes, batc
 
 
 def main():
+  logging.set_verbosity(logging.WARNING)  # a convolutional model compiles: no backend-probing INFO lines
   if FLAGS.table:
     print(table())
     return

@@ -140,6 +140,12 @@ QUICKSTART = "python -m vit_jax.main --config=configs/quickstart.py --workdir=ru
 # The quickstart config cut to a one-layer model and two steps (its final eval and export still run).
 TRAIN_TINY = ("--config.total_steps=2 --config.warmup_steps=1 --config.model.transformer.num_layers=1 "
               "--config.batch=32 --config.eval_every=0 --config.checkpoint_every=0 --config.peak_flops=1e12")
+BIT_INFER_PEER = ("python -m vit_jax.tools.benchmark --model_name=BiT-R50x1 --image_size=224 --batch=16 "
+                  "--num_classes=1000 --steps=5 --warmup=2 --mode=infer --peer_python=.peer/bin/python")
+CNN_DIGITS = "python -m vit_jax.main --config=configs/cnn_digits.py --workdir=runs/cnn_digits"
+# The course CNN on digits for two steps (its final eval and export still run).
+CNN_TINY = ("--config.total_steps=2 --config.warmup_steps=1 --config.batch=32 --config.eval_every=0 "
+            "--config.checkpoint_every=0 --config.peak_flops=1e12")
 FEWSHOT_TINY = "--train_split=train[:100] --test_split=test[:20] --shots=1,5 --seeds=1"
 BENCH_TINY = "--batch=8 --steps=1 --warmup=0"
 NETWORK = "downloads (no network here)"
@@ -295,6 +301,10 @@ TABLE_ROWS = [
     (DATA_BENCH_JPEG + " --randaug=2,10", Run(sub=(("/tmp/jpegs", "jpegs"),), tiny="--num_images=8 --workers=0 "
                                              "--seconds=0.2 --batch=4 --crop=16", output=r"randaug=2,10(.|\n)*"
                                                                                         r"workers=0: \d+ img/s")),
+    (BIT_INFER_PEER, Run(sub=((" --peer_python=.peer/bin/python", ""),),
+                         tiny="--image_size=32 --batch=4 --steps=1 --warmup=1", output=r'"family": "bit"')),
+    (BIT_INFER_PEER.replace("--steps=5 --warmup=2 --mode=infer", "--steps=3 --warmup=1 --mode=train"),
+     covered(BIT_INFER_PEER, why=f"the --mode=train form; {SAME_FLAGS}")),
     # docs/recipes.md
     (RECIPE, Run(tiny=TRAIN_TINY, files=("runs/recipe/model.npz",), output=r"holds the ema weights")),
     ("python -m vit_jax.main --config=configs/quickstart.py --workdir=runs/digits/randaug-0 --config.seed=0 "
@@ -328,6 +338,17 @@ TABLE_ROWS = [
     (FILTERS, Run(files=("filters.png",))),
     (DISTANCE, Run(tiny="--num_images=8", files=("distance.png",))),
     (CURVES, Run(files=("runs/quickstart/curves.png",))),
+    (f"{VISUALIZE} compare --workdir=runs/quickstart --workdir=runs/cnn_digits --output=compare.png",
+     Run(output=r"wrote compare\.png", files=("compare.png",))),
+    ("python -m vit_jax.tools.infer --checkpoint=runs/cnn_digits digit.png more_digits/",
+     Run(output=r"digit\.png: \d \d\.\d+")),
+    ("python -m vit_jax.tools.evaluate --checkpoint=runs/cnn_digits",
+     Run(output=r'"num_examples": 360,(.|\n)*"dataset": "digits"')),
+    ("python -m vit_jax.tools.fewshot --checkpoint=runs/cnn_digits --shots=1,5,10,25 --seeds=3",
+     Run(tiny=FEWSHOT_TINY, output=r'"fewshot_5shot_accuracy"')),
+    ("python -m vit_jax.tools.convert --input=BiT-M-R50x1.npz --output=bit.safetensors",
+     Run(output=r"wrote bit\.safetensors", files=("bit.safetensors",))),
+    ("python -m vit_jax.tools.inspect BiT-M-R50x1.npz", Run(output=r"BiT-R50x1")),
     ("python -m vit_jax.tools.convert --input=model.safetensors --output=model.npz", Run(files=("model.npz",))),
     ("python -m vit_jax.tools.convert --input=timm_vit_b16.safetensors --output=vit.npz --model_name=ViT-B_16",
      Run(sub=(B16_TO_TESTING,), files=("vit.npz",))),
@@ -364,6 +385,7 @@ TABLE_ROWS = [
     # The quickstart, run once by the session fixture; every tool checks the run it leaves.
     (QUICKSTART, Run(tiny=TRAIN_TINY, output=r"Done at step 2",
                      files=("runs/quickstart/model.npz", "runs/quickstart/curves.png"))),
+    (CNN_DIGITS, Run(tiny=CNN_TINY, output=r"Done at step 2", files=("runs/cnn_digits/model.npz",))),
 ]
 TABLE = dict(TABLE_ROWS)
 
@@ -421,6 +443,7 @@ def _build_inputs(root: Path):
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
   from vit_jax.tools import convert  # pylint: disable=g-import-not-at-top
   _standin("testing", 10, root / "ViT-B_16.npz")
+  _standin("BiT-R50x1", 1000, root / "BiT-M-R50x1.npz")
   _standin("ViT-Ti_16", 21843, root / TI_16_FILE)
   # A timm state dict from another tool: no vit_jax metadata.
   state = convert.export_timm(str(root / "ViT-B_16.npz"), str(root / "exported.safetensors"))
@@ -476,22 +499,36 @@ def inputs(tmp_path_factory):
   return _shared_dir(tmp_path_factory, "documented_inputs", _build_inputs)
 
 
+def _training_run(tmp_path_factory, inputs, command, name, after=None):
+  """(directory, command line, problems) of the tiny training run `command`, built once per session; `after(root)`
+  adds files made from the run."""
+
+  def build(root):
+    _link_inputs(root, inputs, command)
+    line, result, error = run_entry(command, TABLE[command], root)
+    problems = [error] if error else problems_of(TABLE[command], result, root)
+    (root / "problems.txt").write_text(f"{line}\n" + "\n".join(problems), encoding="utf-8")
+    if not problems and after is not None:
+      after(root)
+
+  root = _shared_dir(tmp_path_factory, name, build)
+  line, *problems = (root / "problems.txt").read_text(encoding="utf-8").split("\n")
+  return root, line, [p for p in problems if p]
+
+
 @pytest.fixture(scope="session")
 def quickstart(tmp_path_factory, inputs):
   """The tiny quickstart run (runs/quickstart) as the documented command leaves it, plus its timm export."""
+  def export(root):
+    from vit_jax.tools import convert  # pylint: disable=g-import-not-at-top
+    convert.export_timm(str(root / "runs" / "quickstart"), str(root / "model.safetensors"))
+  return _training_run(tmp_path_factory, inputs, QUICKSTART, "documented_quickstart", export)
 
-  def build(root):
-    _link_inputs(root, inputs, QUICKSTART)
-    line, result, error = run_entry(QUICKSTART, TABLE[QUICKSTART], root)
-    problems = [error] if error else problems_of(TABLE[QUICKSTART], result, root)
-    (root / "problems.txt").write_text(f"{line}\n" + "\n".join(problems), encoding="utf-8")
-    if not problems:
-      from vit_jax.tools import convert  # pylint: disable=g-import-not-at-top
-      convert.export_timm(str(root / "runs" / "quickstart"), str(root / "model.safetensors"))
 
-  root = _shared_dir(tmp_path_factory, "documented_quickstart", build)
-  line, *problems = (root / "problems.txt").read_text(encoding="utf-8").split("\n")
-  return root, line, [p for p in problems if p]
+@pytest.fixture(scope="session")
+def cnn_digits(tmp_path_factory, inputs):
+  """The tiny course-CNN run (runs/cnn_digits) as its documented command leaves it."""
+  return _training_run(tmp_path_factory, inputs, CNN_DIGITS, "documented_cnn_digits")
 
 
 def _link_inputs(cwd: Path, source: Path, command: str):
@@ -541,14 +578,17 @@ def test_documented_command(command, tmp_path, request):
     pytest.skip(entry.reason)
   if isinstance(entry, Covered):
     pytest.skip(f"{entry.why}, run as: " + "; ".join(entry.by))
-  if command == QUICKSTART:
-    _, line, problems = request.getfixturevalue("quickstart")
+  if command in (QUICKSTART, CNN_DIGITS):
+    _, line, problems = request.getfixturevalue("quickstart" if command == QUICKSTART else "cnn_digits")
   else:
     _link_inputs(tmp_path, request.getfixturevalue("inputs"), command)
-    if "runs/quickstart" in command or "--input=model.safetensors" in command:
-      run, quickstart_line, quickstart_problems = request.getfixturevalue("quickstart")
-      if quickstart_problems:
-        pytest.fail(f"needs the quickstart run, which failed: {quickstart_line}\n" + "\n".join(quickstart_problems))
+    for fixture, needed in (("quickstart", "runs/quickstart" in command or "--input=model.safetensors" in command),
+                            ("cnn_digits", "runs/cnn_digits" in command)):
+      if not needed:
+        continue
+      run, run_line, run_problems = request.getfixturevalue(fixture)
+      if run_problems:
+        pytest.fail(f"needs the {fixture} run, which failed: {run_line}\n" + "\n".join(run_problems))
       _link_inputs(tmp_path, run, command)
     line, result, error = run_entry(command, entry, tmp_path)
     problems = [error] if error else problems_of(entry, result, tmp_path)

@@ -43,9 +43,30 @@ class StandardizedConv2d(nn.Conv):
     kernel = super().param(name, init_fn, *init_args, **init_kwargs)
     if name != "kernel":
       return kernel
-    mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
-    var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
-    return (kernel - mean) * jax.lax.rsqrt(var + WEIGHT_STANDARDIZE_EPSILON)
+    return standardize(kernel)
+
+
+def standardize(kernel):
+  """(w - mean) / sqrt(var + eps) per output channel (the last axis) of an HWIO kernel."""
+  mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+  var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
+  return (kernel - mean) * jax.lax.rsqrt(var + WEIGHT_STANDARDIZE_EPSILON)
+
+
+class StandardizedPointwiseConv(nn.Module):
+  """A standardised 1x1 convolution (kernel (1, 1, I, O), as BiT stores it) computed as a strided slice and a
+  matmul: XLA:CPU's convolution gradients are several times slower than a matmul's (docs/benchmarks.md)."""
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features))
+    kernel = standardize(kernel)[0, 0].astype(self.dtype)
+    if self.strides > 1:
+      x = x[:, ::self.strides, ::self.strides]
+    return precision.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 class GroupNorm(nn.Module):
@@ -57,15 +78,21 @@ class GroupNorm(nn.Module):
     channels = x.shape[-1]
     gamma = self.param("gamma", nn.initializers.ones, (channels,))
     beta = self.param("beta", nn.initializers.zeros, (channels,))
-    grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], NUM_GROUPS, channels // NUM_GROUPS)
+    x32 = x.astype(jnp.float32)
+    grouped = x32.reshape(*x.shape[:-1], NUM_GROUPS, channels // NUM_GROUPS)
     axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
     mean = jnp.mean(grouped, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
-    y = ((grouped - mean) * jax.lax.rsqrt(var + GROUPNORM_EPSILON)).reshape(x.shape)
-    return (y * gamma + beta).astype(self.dtype)
+    var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)  # two passes: no cancellation
+    # Normalisation and affine folded into one scale and shift per (example, channel): one pass over x.
+    scale = jax.lax.rsqrt(var + GROUPNORM_EPSILON) * gamma.reshape(NUM_GROUPS, -1)
+    shift = beta.reshape(NUM_GROUPS, -1) - mean * scale
+    stats_shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (channels,)
+    return (x32 * scale.reshape(stats_shape) + shift.reshape(stats_shape)).astype(self.dtype)
 
 
 def _conv(features, kernel, strides, padding, dtype, name="standardized_conv2d"):
+  if kernel == 1:
+    return StandardizedPointwiseConv(features, strides, dtype, name=name)
   return StandardizedConv2d(features, (kernel, kernel), strides=(strides, strides), padding=padding,
                             use_bias=False, dtype=dtype, conv_general_dilated=precision.conv_general_dilated,
                             name=name)

@@ -376,7 +376,7 @@ def _import_bit(state, input_path, output_path, model_name):
     config = models.get_model_config(model_name)
     trained_model.check_family(shapes, "bit", config, f"--model_name={model_name}", input_path, named=True)
     model = models.build(config, num_classes=trained_model.num_classes_of(shapes, "bit"))
-    trained_model.check_params_match(params, model, trained_model.BIT_MIN_IMAGE_SIZE, f"model {model_name}")
+    trained_model.check_params_match(params, model, bit.MIN_IMAGE_SIZE, f"model {model_name}")
   cli.write_output(output_path, lambda path: zoo.save(params, path))
   logging.info("Wrote %d arrays to %s", len(flat), output_path)
   return flat

@@ -58,7 +58,7 @@ def match_convolutional(flat_shapes, family):
     return None, "none has this architecture", config
   model = models.build(config, num_classes=trained_model.num_classes_of(flat_shapes, family))
   try:  # a CNN's dense layer fixes the image size; BiT's shapes do not depend on it
-    size = trained_model.cnn_image_size(flat_shapes, config) if family == "cnn" else trained_model.BIT_MIN_IMAGE_SIZE
+    size = trained_model.cnn_image_size(flat_shapes, config) if family == "cnn" else models.bit.MIN_IMAGE_SIZE
   except UserError as e:
     return None, str(e), config
   images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)

@@ -302,7 +302,7 @@ TABLE_ROWS = [
                                              "--seconds=0.2 --batch=4 --crop=16", output=r"randaug=2,10(.|\n)*"
                                                                                         r"workers=0: \d+ img/s")),
     (BIT_INFER_PEER, Run(sub=((" --peer_python=.peer/bin/python", ""),),
-                         tiny="--image_size=32 --batch=4 --steps=1 --warmup=1", output=r'"family": "bit"')),
+                         tiny="--image_size=32 --batch=8 --steps=1 --warmup=1", output=r'"family": "bit"')),
     (BIT_INFER_PEER.replace("--steps=5 --warmup=2 --mode=infer", "--steps=3 --warmup=1 --mode=train"),
      covered(BIT_INFER_PEER, why=f"the --mode=train form; {SAME_FLAGS}")),
     # docs/recipes.md
@@ -537,11 +537,11 @@ def _link_inputs(cwd: Path, source: Path, command: str):
   if not (cwd / "configs").exists():
     (cwd / "configs").symlink_to(ROOT / "configs")
   for item in source.iterdir():
-    if item.name in (".done", "problems.txt") or (cwd / item.name).exists() or f"--output={item.name}" in command:
+    if item.name in (".done", "problems.txt") or f"--output={item.name}" in command:
       continue
-    if item.name == "runs":
+    if item.name == "runs":  # merged: a command may need the runs of two fixtures
       shutil.copytree(item, cwd / "runs", dirs_exist_ok=True)
-    else:
+    elif not (cwd / item.name).exists():
       (cwd / item.name).symlink_to(item)
 
 

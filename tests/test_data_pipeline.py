@@ -317,3 +317,43 @@ def test_folder_errors(folder, tmp_path):
     _info(_folder_config(str(tmp_path)))
   with pytest.raises(UserError, match="not a directory"):
     _info(_folder_config(str(tmp_path / "missing")))
+
+
+def test_epoch_orders_are_safe_under_concurrent_reader_threads():
+  """Reader threads ask for epoch orders at once (a batch as large as its split spans epochs): each gets its
+  epoch's permutation, none a KeyError from another thread's cache eviction (a run died of that)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  record = pipeline._TrainRecord(list(range(50)), None, seed=3, global_batch=50, local_batch=50, process_index=0)
+  expected = {e: np.random.default_rng([3, e]).permutation(50) for e in range(40)}
+  errors, interval = [], sys.getswitchinterval()
+
+  def read(thread):
+    rng = np.random.default_rng(thread)
+    try:
+      for _ in range(1500):  # the old check-then-pop failed this in 5 of 5 trials
+        epoch = int(rng.integers(0, 40))
+        assert np.array_equal(record.order(epoch), expected[epoch])
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  sys.setswitchinterval(1e-6)  # switch threads as often as possible
+  try:
+    threads = [threading.Thread(target=read, args=(t,)) for t in range(8)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    sys.setswitchinterval(interval)
+  assert not errors, errors[:3]
+  assert len(record._orders) <= 8  # bounded: the newest three plus what threads add at the same moment
+
+
+def test_a_batch_of_the_whole_split_is_each_epoch_once():
+  config = _config(pp={"train": "train_10_per_class", "augment": "none"}, batch=100)
+  four = NamedSharding(Mesh(np.array(jax.devices()[:4]).reshape(4, 1), ("data", "fsdp")), P(("data", "fsdp")))
+  it = _train(config, four, read_threads=2)
+  for batch in _take(it, 6):
+    assert (np.bincount(batch["label"], minlength=10) == 10).all()

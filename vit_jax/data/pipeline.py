@@ -122,11 +122,16 @@ class _TrainRecord:
     self._orders = {}
 
   def order(self, epoch):
-    if epoch not in self._orders:
-      if len(self._orders) > 2:  # positions move forward: older epochs are not read again
-        self._orders.pop(min(self._orders))
-      self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
-    return self._orders[epoch]
+    """The permutation of epoch `epoch`, cached for the newest three epochs. Reader threads call this at once, and
+    a batch as large as the split spans epochs: no check-then-act on the shared cache (an evicted epoch that is
+    still read is computed again, the same permutation)."""
+    order = self._orders.get(epoch)
+    if order is None:
+      order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+      self._orders[epoch] = order
+      for old in sorted(self._orders.copy())[:-3]:  # dict.copy is atomic under the GIL; iterating the dict is not
+        self._orders.pop(old, None)
+    return order
 
   def global_position(self, local_position):
     batch, row = divmod(local_position, self.local_batch)

@@ -10,6 +10,7 @@ containing a path separator) for an image folder, otherwise a TFDS catalog name.
 import dataclasses
 import difflib
 import os
+import re
 import types
 
 from absl import logging
@@ -96,9 +97,19 @@ def _digits_arrays():
 
 
 def _digits_source(split: str) -> IndexedSource:
+  """`split`: TFDS syntax over `train` and `test`, or `train_K_per_class`: the first K training digits of each class
+  (a fixed labelled subset for few-label fine-tuning)."""
   splits, images, labels = _digits_arrays()
-  parts = _resolve_split(split, {k: len(v) for k, v in splits.items()}, "dataset 'digits'")
-  sel = np.concatenate([splits[name][a:b] for name, a, b in parts])
+  if match := re.fullmatch(r"train_(\d+)_per_class", split):
+    per_class = int(match.group(1))
+    train = splits["train"]
+    if not 1 <= per_class <= min(np.bincount(labels[train])):
+      raise UserError(f"split {split!r} of dataset 'digits' needs 1 to {min(np.bincount(labels[train]))} images per "
+                      "class; pick K in that range")
+    sel = np.sort(np.concatenate([train[labels[train] == c][:per_class] for c in range(10)]))
+  else:
+    parts = _resolve_split(split, {k: len(v) for k, v in splits.items()}, "dataset 'digits'")
+    sel = np.concatenate([splits[name][a:b] for name, a, b in parts])
   records = _DigitsRecords(images[sel], labels[sel], [f"digits[{i}]" for i in sel])
   return IndexedSource(records, len(sel), [str(i) for i in range(10)], f"digits:{split}")
 

@@ -9,7 +9,15 @@ from ml_collections import config_dict
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.trainer = "supervised"  # the training objective (vit_jax.objectives): supervised
+  config.trainer = "supervised"  # the training objective (vit_jax.objectives): supervised | masked_patch | mae
+  config.ssl = ml_collections.ConfigDict({  # the self-supervised objectives' settings
+      "corruption_rate": 0.5,  # masked_patch: share of patch embeddings corrupted
+      "corruption_split": (0.8, 0.1, 0.1),  # masked_patch: of those, [mask] embedding / another patch / unchanged
+      "target": "colour",  # masked_patch: colour (3-bit mean colour) | colour_4x4 (of 4x4 sub-patches) | pixels (L2)
+      "mask_ratio": 0.75,  # mae: share of patches hidden from the encoder
+      "decoder_width": 512, "decoder_depth": 8, "decoder_heads": 16,  # mae: the decoder (MAE's for ViT-B/L/H)
+      "norm_pix_loss": True,  # mae: targets normalised by each patch's mean and variance
+  })
 
   # Model: a registry name (`python -c "import vit_jax.models as m; print(m.model_names())"`), plus overrides of
   # its fields, e.g. config.model.update(hidden_size=64, transformer={"num_layers": 4}). The speed options are

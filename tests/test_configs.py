@@ -15,7 +15,8 @@ CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf
 
 
 def test_the_recipe_configs_are_there():
-  assert {"quickstart", "augreg_s16_i1k", "deit_s", "vit_cifar_recipe", "bit_finetune", "cnn_digits"} <= set(CONFIGS)
+  assert {"quickstart", "augreg_s16_i1k", "deit_s", "vit_cifar_recipe", "bit_finetune", "cnn_digits",
+          "masked_patch_pretrain", "mae_pretrain", "mae_finetune", "ssl_digits", "digits_10_labels"} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -30,7 +31,8 @@ def test_config_begins_with_its_command_and_expected_result_and_passes_the_start
   objective = objectives.get(config.trainer).from_config(config)
   train.check_objective_data(objective, config.pp)
   preprocess.check_pp(config.pp)
-  model = train.create_model(config, num_classes=10, platform="cpu")
+  objective.check_model(train.model_config_from(config), train.crop_at(config, 0))
+  model = objective.wrap(train.create_model(config, num_classes=objective.num_outputs(10), platform="cpu"))
   tx, _ = train.make_optimizer(config)
   state = jax.eval_shape(steps.make_init_fn(model, tx, train.crop_at(config, 0), ema=config.ema_decay > 0),
                          jax.random.PRNGKey(0))

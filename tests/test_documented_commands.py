@@ -147,6 +147,11 @@ CNN_DIGITS = "python -m vit_jax.main --config=configs/cnn_digits.py --workdir=ru
 CNN_TINY = ("--config.total_steps=2 --config.warmup_steps=1 --config.batch=32 --config.eval_every=0 "
             "--config.checkpoint_every=0 --config.peak_flops=1e12")
 FEWSHOT_TINY = "--train_split=train[:100] --test_split=test[:20] --shots=1,5 --seeds=1"
+MAE_DIGITS = "python -m vit_jax.main --config=configs/ssl_digits.py:mae --workdir=runs/mae_digits"
+# The SSL digits runs: the quickstart's cut plus no few-shot probe (the loop's tests run it).
+SSL_TINY = TRAIN_TINY + " --config.fewshot.every=0"
+MAE_FINETUNE = ("python -m vit_jax.main --config=configs/digits_10_labels.py --workdir=runs/mae_digits_10_labels "
+                "--config.pretrained_path=runs/mae_digits/model.npz")
 BENCH_TINY = "--batch=8 --steps=1 --warmup=0"
 NETWORK = "downloads (no network here)"
 B16_TO_TESTING = ("--model_name=ViT-B_16", "--model_name=testing")
@@ -386,6 +391,19 @@ TABLE_ROWS = [
     (QUICKSTART, Run(tiny=TRAIN_TINY, output=r"Done at step 2",
                      files=("runs/quickstart/model.npz", "runs/quickstart/curves.png"))),
     (CNN_DIGITS, Run(tiny=CNN_TINY, output=r"Done at step 2", files=("runs/cnn_digits/model.npz",))),
+    # Self-supervised pretraining (README, docs/self_supervised.md); the MAE run is a session fixture too.
+    (MAE_DIGITS, Run(tiny=SSL_TINY, output=r"Done at step 2", files=("runs/mae_digits/model.npz",))),
+    (MAE_FINETUNE, Run(tiny=TRAIN_TINY, output=r"load_pretrained: head/kernel \(64, 10\) from the new model",
+                       files=("runs/mae_digits_10_labels/model.npz",))),
+    ("python -m vit_jax.main --config=configs/ssl_digits.py:masked_patch --workdir=runs/mpp_digits",
+     Run(tiny=SSL_TINY, output=r"masked_accuracy", files=("runs/mpp_digits/model.npz",))),
+    ("python -m vit_jax.main --config=configs/digits_10_labels.py --workdir=runs/scratch_10_labels "
+     "--config.total_steps=1500", covered(MAE_FINETUNE, why=f"the same config from scratch; {SAME_FLAGS}")),
+    (f"{VISUALIZE} reconstruction --checkpoint=runs/mae_digits --dataset=digits --num_images=6",
+     Run(output=r"wrote reconstruction\.png", files=("reconstruction.png",))),
+    ("python -m vit_jax.tools.fewshot --checkpoint=RUN",
+     covered("python -m vit_jax.tools.fewshot --checkpoint=runs/cnn_digits --shots=1,5,10,25 --seeds=3",
+             why="synopsis; any run's workdir")),
 ]
 TABLE = dict(TABLE_ROWS)
 
@@ -531,6 +549,16 @@ def cnn_digits(tmp_path_factory, inputs):
   return _training_run(tmp_path_factory, inputs, CNN_DIGITS, "documented_cnn_digits")
 
 
+@pytest.fixture(scope="session")
+def mae_digits(tmp_path_factory, inputs):
+  """The tiny MAE pretraining run (runs/mae_digits) as its documented command leaves it."""
+  return _training_run(tmp_path_factory, inputs, MAE_DIGITS, "documented_mae_digits")
+
+
+# The documented training runs that session fixtures make once, and the fixture of each.
+FIXTURE_RUNS = {QUICKSTART: "quickstart", CNN_DIGITS: "cnn_digits", MAE_DIGITS: "mae_digits"}
+
+
 def _link_inputs(cwd: Path, source: Path, command: str):
   """Links `source`'s files into `cwd` (copies its run folders, which the tools write into), leaving out the
   files that `command` writes, and links `configs/`."""
@@ -578,12 +606,13 @@ def test_documented_command(command, tmp_path, request):
     pytest.skip(entry.reason)
   if isinstance(entry, Covered):
     pytest.skip(f"{entry.why}, run as: " + "; ".join(entry.by))
-  if command in (QUICKSTART, CNN_DIGITS):
-    _, line, problems = request.getfixturevalue("quickstart" if command == QUICKSTART else "cnn_digits")
+  if command in FIXTURE_RUNS:
+    _, line, problems = request.getfixturevalue(FIXTURE_RUNS[command])
   else:
     _link_inputs(tmp_path, request.getfixturevalue("inputs"), command)
     for fixture, needed in (("quickstart", "runs/quickstart" in command or "--input=model.safetensors" in command),
-                            ("cnn_digits", "runs/cnn_digits" in command)):
+                            ("cnn_digits", "runs/cnn_digits" in command),
+                            ("mae_digits", re.search(r"runs/mae_digits(/|\s|$)", command) is not None)):
       if not needed:
         continue
       run, run_line, run_problems = request.getfixturevalue(fixture)

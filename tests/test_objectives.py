@@ -1,4 +1,5 @@
-"""Training objectives: the registry by name, and the supervised objective's loss and metrics."""
+"""Training objectives: the registry by name, and the supervised objective's loss and metrics (the self-supervised
+ones: tests/test_ssl.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +13,9 @@ from vit_jax.objectives import supervised
 def test_registry_names_and_errors():
   assert objectives.get("supervised") is supervised.Supervised
   assert objectives.get("train") is supervised.Supervised  # the name workdirs written before the rename carry
-  with pytest.raises(UserError, match="unknown trainer 'mae'; use one of supervised"):
-    objectives.get("mae")
+  assert objectives.get("mae") is objectives.MAE and objectives.get("masked_patch") is objectives.MaskedPatch
+  with pytest.raises(UserError, match="unknown trainer 'byol'; use one of supervised, masked_patch, mae"):
+    objectives.get("byol")
   with pytest.raises(UserError, match="unknown loss 'hinge'; use one of softmax_xent, sigmoid_xent"):
     supervised.Supervised(loss="hinge")
 

@@ -34,8 +34,28 @@ def _vit_forward_flops(model_config, image_size, num_classes):
   transformer = model_config.get("transformer")
   if transformer is not None:
     tokens = grid + int(geometry.has_class_token(model_config))
-    per_layer = 8 * tokens * hidden ** 2 + 4 * tokens * hidden * transformer.mlp_dim + 4 * tokens ** 2 * hidden
-    forward += transformer.num_layers * per_layer
+    forward += _transformer_flops(tokens, hidden, transformer.mlp_dim, transformer.num_layers)
+  return forward
+
+
+def _transformer_flops(tokens, hidden, mlp_dim, num_layers):
+  per_layer = 8 * tokens * hidden ** 2 + 4 * tokens * hidden * mlp_dim + 4 * tokens ** 2 * hidden
+  return num_layers * per_layer
+
+
+def mae_forward_flops(model_config, image_size, *, visible, decoder_width, decoder_depth) -> int:
+  """An MAE forward pass of a plain ViT (`objectives/mae.py`): every patch embedded, the encoder on the class token
+  and `visible` patches, the decoder (MLP 4x its width) on every patch, and its pixel prediction."""
+  rows, cols = geometry.grid_shape(model_config, image_size)
+  grid = rows * cols
+  patch_h, patch_w = model_config.patches.size
+  hidden, transformer = model_config.hidden_size, model_config.transformer
+  prefix = int(geometry.has_class_token(model_config))
+  forward = 2 * grid * patch_h * patch_w * 3 * hidden
+  forward += _transformer_flops(prefix + visible, hidden, transformer.mlp_dim, transformer.num_layers)
+  forward += 2 * (prefix + visible) * hidden * decoder_width
+  forward += _transformer_flops(prefix + grid, decoder_width, 4 * decoder_width, decoder_depth)
+  forward += 2 * grid * decoder_width * patch_h * patch_w * 3
   return forward
 
 

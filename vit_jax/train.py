@@ -143,12 +143,24 @@ def resize_position_embeddings(state, model_config, crop):
   return jax.tree_util.tree_map_with_path(resize, state)
 
 
-def with_pretrained(state, pretrained):
+def encoder_part(objective, params, model_state):
+  """(params, model_state) of the registry model inside the trained one: what `model.npz` holds and few-shot
+  probes see (all of it, or the objective's `encoder_key` subtree)."""
+  key = objective.encoder_key
+  if key is None:
+    return params, model_state
+  return params[key], (model_state or {}).get(key, model_state)
+
+
+def with_pretrained(state, pretrained, encoder_key=None):
   """`state` with every parameter that `pretrained` holds as an array (the head stays as initialised), in the EMA
-  too when there is one, and the model's state (BatchNorm statistics) when the file has it."""
+  too when there is one, and the model's state (BatchNorm statistics) when the file has it. `encoder_key`: the
+  subtree of the state's parameters that `pretrained` is for (an objective's encoder; None: all)."""
   def pick(init, loaded):
     return jax.device_put(np.asarray(loaded, init.dtype), init.sharding) if isinstance(loaded, np.ndarray) else init
   pretrained, pretrained_state = model_state_lib.split(pretrained)
+  if encoder_key is not None:  # the objective's own parameters (device arrays here) keep their initialisation
+    pretrained = {**state.params, encoder_key: pretrained}
   params = jax.tree.map(pick, state.params, pretrained)
   ema_params = None if state.ema_params is None else jax.tree.map(pick, state.ema_params, pretrained)
   model_state = None if state.model_state is None else jax.tree.map(pick, state.model_state, pretrained_state)
@@ -247,8 +259,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   objective = objectives.get(config.trainer).from_config(config)
   data.check_pp(config.pp)
   check_objective_data(objective, config.pp)
+  if objective.encoder_key is not None and config.layer_decay != 1.0:  # its rules address the bare model's paths
+    raise UserError(f"layer_decay={config.layer_decay} is a fine-tuning rule, which the {config.trainer} objective "
+                    "does not take; set --config.layer_decay=1 (use it when fine-tuning from the export)")
   model_config = model_config_from(config)
   check_model_options(config, model_config)
+  objective.check_model(model_config, crop_at(config, 0))
   mesh = sharding.make_mesh(config.mesh, devices)
   platform = mesh.devices.flat[0].platform
   warn_if_remat_saves_nothing(model_config.get("remat", "none"), model_config.get("scan_layers", False), platform)
@@ -257,8 +273,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   tx, schedule = make_optimizer(config)
   info = data.get_dataset_info(config.dataset, train_split=config.pp.train, test_split=config.pp.test,
                                tfds_data_dir=config.tfds_data_dir)
-  model = create_model(config, objective.num_outputs(info.num_classes), platform)
-  logging.info("Compute dtype: %s (config.dtype=%s on %s).", jnp.dtype(model.dtype).name, config.dtype, platform)
+  encoder = create_model(config, objective.num_outputs(info.num_classes), platform)
+  model = objective.wrap(encoder)
+  logging.info("Compute dtype: %s (config.dtype=%s on %s).", jnp.dtype(encoder.dtype).name, config.dtype, platform)
   first_crop = crop_at(config, 0)
   abstract_state = jax.eval_shape(steps.make_init_fn(model, tx, first_crop, ema=config.ema_decay > 0),
                                   jax.random.PRNGKey(0))
@@ -268,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   if config.pretrained_path:  # read and checked before anything compiles
     pretrained = checkpoint.load_pretrained(
         pretrained_path=config.pretrained_path, model_config=model_config, image_size=first_crop,
-        init_params=model_state_lib.merge(abstract_state.params, abstract_state.model_state))
+        init_params=model_state_lib.merge(*encoder_part(objective, abstract_state.params, abstract_state.model_state)))
 
   workdir_lib.check_writable(workdir)  # the first write, once every check that can fail fast has passed
   save_bytes = _state_bytes(abstract_state)
@@ -276,15 +293,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   with workdir_lib.locked(workdir):  # one run per workdir, from here to the end
     stop = stop if stop is not None else interrupts.StopSignals()  # not entered: inert, signals act as before
     try:
-      return _train(config, workdir, mesh=mesh, model=model, model_config=model_config, objective=objective,
-                    tx=tx, schedule=schedule, num_classes=info.num_classes, pretrained=pretrained, stop=stop)
+      return _train(config, workdir, mesh=mesh, model=model, encoder=encoder, model_config=model_config,
+                    objective=objective, tx=tx, schedule=schedule, num_classes=info.num_classes,
+                    pretrained=pretrained, stop=stop)
     except Exception as e:  # pylint: disable=broad-except  # a full disk can surface from any writer
       if workdir_lib.is_disk_full(e):
         raise workdir_lib.disk_full_error(e, workdir, save_bytes) from None
       raise
 
 
-def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedule, num_classes, pretrained, stop):
+def _train(config, workdir, *, mesh, model, encoder, model_config, objective, tx, schedule, num_classes, pretrained,
+           stop):
   """The loop of `train_and_evaluate`, in a locked workdir."""
   platform = mesh.devices.flat[0].platform
   manager = workdir_lib.checkpoint_manager(workdir, keep=config.keep_checkpoints, platform=platform)
@@ -326,7 +345,7 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
       writer.restore(0, [])  # a run that died before its first checkpoint left records of steps redone now
       state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
       if pretrained is not None:
-        state = with_pretrained(state, pretrained)
+        state = with_pretrained(state, pretrained, objective.encoder_key)
     logging.info("Mesh %s; parameters:\n%s", dict(mesh.shape),
                  parameter_overview.get_parameter_overview(state.params, include_stats=False))
 
@@ -338,8 +357,8 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
       eval_step = classification.make_eval_step(model, loss=objective.loss, mesh=mesh,
                                                 variable_shardings=state_shardings.variables())
     num_outputs = objective.num_outputs(num_classes)
-    flops_per_image = lambda crop: flops.train_flops_per_image(model_config, crop, num_outputs)
-    peak = config.peak_flops or flops.peak_flops(model.dtype)
+    flops_per_image = lambda crop: objective.train_flops_per_image(model_config, crop, num_outputs)
+    peak = config.peak_flops or flops.peak_flops(encoder.dtype)
     fewshot_eval = fewshot_evaluator(config)
     step = int(state.step)
     eval_metrics = {}
@@ -378,7 +397,8 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
               eval_metrics.update(test_loss_ema=result["loss"], test_accuracy_ema=result["accuracy"])
             periodic.update(eval_metrics)
           if fewshot_eval and (_due(step, config.fewshot.every) or final) and (final or not stopping):
-            periodic.update(fewshot_eval(state.variables(), model))
+            periodic.update(fewshot_eval(model_state_lib.variables(
+                *encoder_part(objective, state.params, state.model_state)), encoder))
           if log:
             now = time.perf_counter()
             record = _train_record(pending, step - last_step, now - last_time, config.batch,
@@ -422,7 +442,7 @@ def _train(config, workdir, *, mesh, model, model_config, objective, tx, schedul
     logging.info("The run in %s was already complete; %s is up to date.", workdir, model_path)
     return eval_metrics
   params, model_state = multihost_utils.process_allgather(
-      (state.ema_params if weights == "ema" else state.params, state.model_state), tiled=True)
+      encoder_part(objective, state.ema_params if weights == "ema" else state.params, state.model_state), tiled=True)
   if jax.process_index() == 0:
     checkpoint.save(model_state_lib.merge(params, model_state), model_path)
   logging.info("Done at step %d: %s; %s holds the %s weights.", step, eval_metrics, model_path, weights)

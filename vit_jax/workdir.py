@@ -50,7 +50,9 @@ RECOVERY_KEYS = ("base_lr", "warmup_steps", "grad_norm_clip", "total_steps", "la
 # config.json without one resumes when the key has this value now, so upgrading vit_jax never strands a run.
 ADDED_KEYS = {"layer_decay": 1.0, "lr_mults": [], "ema_decay": 0.0, "export_ema": True, "pp.randaug": [],
               "pp.cutmix": 0.0, "pp.mix_switch_prob": 0.5, "model.stochastic_depth": 0.0,
-              "decay_steps": []}
+              "decay_steps": [], "ssl.corruption_rate": 0.5, "ssl.corruption_split": [0.8, 0.1, 0.1],
+              "ssl.target": "colour", "ssl.mask_ratio": 0.75, "ssl.decoder_width": 512, "ssl.decoder_depth": 8,
+              "ssl.decoder_heads": 16, "ssl.norm_pix_loss": True}
 
 
 def exported_weights(config):

@@ -183,13 +183,18 @@ class Encoder(nn.Module):
   stochastic_depth: float = 0.0
 
   @nn.compact
-  def __call__(self, x, *, train):
+  def __call__(self, x, *, train, keep=None, num_prefix=0):
+    """`keep` [batch, k]: indices of the tokens after the first `num_prefix` (class token) that go on to the blocks
+    once position embeddings are added (MAE's visible patches); None keeps all."""
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"unknown remat policy {self.remat!r}; use one of {', '.join(REMAT_POLICIES)}")
     block = Encoder1DBlock
     if self.remat != "none":
       block = nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
     x = AddPositionEmbs(name="posembed_input")(x.astype(jnp.float32))
+    if keep is not None:
+      kept = jnp.take_along_axis(x[:, num_prefix:], keep[..., None], axis=1)
+      x = jnp.concatenate([x[:, :num_prefix], kept], axis=1)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     block_args = (self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate, self.dtype,
                   self.fused_attention)
@@ -230,7 +235,10 @@ class VisionTransformer(nn.Module):
   stochastic_depth: float = 0.0  # drop-path rate of the last encoder block, linear over depth; training only
 
   @nn.compact
-  def __call__(self, images, *, train=False):
+  def __call__(self, images, *, train=False, patch_transform=None, keep=None):
+    """Logits (or features). For self-supervised objectives: `patch_transform` maps the patch embeddings
+    [batch, patches, hidden] before the class token and position embeddings (masked patch prediction's
+    corruption); `keep` [batch, k] picks the patches the encoder sees (MAE; see `Encoder`)."""
     if self.classifier not in CLASSIFIERS:
       raise UserError(f"unknown classifier {self.classifier!r}; use one of {', '.join(CLASSIFIERS)}")
     stride = geometry.downsampling(self.patches, self.resnet)
@@ -253,12 +261,16 @@ class VisionTransformer(nn.Module):
     if self.transformer is not None:
       n, h, w, c = x.shape
       x = jnp.reshape(x, (n, h * w, c))
+      if patch_transform is not None:
+        x = patch_transform(x)
+      num_prefix = 0
       if self.classifier in geometry.TOKEN_CLASSIFIERS:
         cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
+        num_prefix = 1
       x = Encoder(**self.transformer, dtype=dtype, fused_attention=self.fused_attention, remat=self.remat,
                   scan_layers=self.scan_layers, stochastic_depth=self.stochastic_depth, name="Transformer")(
-                      x, train=train)
+                      x, train=train, keep=keep, num_prefix=num_prefix)
 
     if self.classifier == "token":
       x = x[:, 0]

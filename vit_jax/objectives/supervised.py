@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vit_jax import flops
 from vit_jax.errors import UserError
 from vit_jax.models import state
 
@@ -36,6 +37,7 @@ class Supervised:
   loss: str = "softmax_xent"
   label_smoothing: float = 0.0
   classifies = True  # the loop runs the classification evaluator on the test split
+  encoder_key = None  # the whole model is exported
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -47,9 +49,18 @@ class Supervised:
   def from_config(cls, config):
     return cls(loss=config.loss, label_smoothing=config.label_smoothing)
 
+  def check_model(self, model_config, image_size):
+    del model_config, image_size  # every registry model classifies
+
   def num_outputs(self, num_classes):
     """The model's head size for a dataset of `num_classes` classes."""
     return num_classes
+
+  def wrap(self, model):
+    return model
+
+  def train_flops_per_image(self, model_config, image_size, num_classes):
+    return flops.train_flops_per_image(model_config, image_size, num_classes)
 
   def loss_fn(self, model, variables, batch, rng):
     """(mean loss, ({'train_accuracy'}, model_state)) of one (micro-)batch in training mode."""

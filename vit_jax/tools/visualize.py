@@ -7,6 +7,7 @@
   python -m vit_jax.tools.visualize distance --checkpoint=runs/quickstart --dataset=digits --num_images=64
   python -m vit_jax.tools.visualize curves --workdir=runs/quickstart            # writes runs/quickstart/curves.png
   python -m vit_jax.tools.visualize compare --workdir=runs/quickstart --workdir=runs/cnn_digits --output=compare.png
+  python -m vit_jax.tools.visualize reconstruction --checkpoint=runs/mae_digits --dataset=digits --num_images=6
 
 - attention: attention rollout over each input image: the image, the rollout map, the image masked by it (Fig. 6).
 - posemb: cosine similarity of each patch's position embedding with every other patch's, a grid of grids (Fig. 7
@@ -18,6 +19,11 @@
   `vit_jax.main` calls when training ends).
 - compare: two or more runs overlaid (`--workdir` once per run): train and test loss and accuracy against steps and
   against wall time (`comparison_series(workdirs)` holds the numbers); any model family.
+- reconstruction: what a self-supervised run (trainer mae or masked_patch; `--checkpoint` its workdir) predicts for
+  the patches it did not see, one row per image: the input, the input with the hidden (MAE) or corrupted (masked
+  patch) patches greyed out, and the prediction pasted in: MAE's reconstructed pixels, or the predicted mean colour
+  of each corrupted patch (`vit_jax.tools.reconstruction`). It restores the run's newest checkpoint (read-only; the
+  decoder is not in model.npz); `--seed` draws the masks; `--dataset` defaults to the run's.
 attention, posemb, filters and distance picture a Vision Transformer's insides: for a convolutional model (BiT,
 CNN) they are a UserError naming the model and its family; curves and compare take any run.
 Images come from files (any format, through the test preprocessing) or from `--dataset` (its `--split`).
@@ -36,7 +42,7 @@ from vit_jax.models import geometry
 from vit_jax.tools import attention_maps, cli, trained_model
 
 FLAGS = flags.FLAGS
-KINDS = ("attention", "posemb", "filters", "distance", "curves", "compare")
+KINDS = ("attention", "posemb", "filters", "distance", "curves", "compare", "reconstruction")
 # The pictures of a training run's metrics, which apply to every model family.
 RUN_KINDS = ("curves", "compare")
 # The pictures of a Vision Transformer's insides: what each is called, and what a convolutional model lacks for it.
@@ -56,7 +62,9 @@ _DPI = 120
 def define_flags():
   """Flags of this tool, defined only when it runs."""
   cli.define_flags("checkpoint", "model_name", "image_size", "dataset", "split", "tfds_data_dir", "output")
-  flags.DEFINE_integer("num_images", None, "Images from --dataset (default: 6 attention, 32 distance).")
+  flags.DEFINE_integer("num_images", None, "Images from --dataset (default: 6 attention and reconstruction, 32 "
+                       "distance).")
+  flags.DEFINE_integer("seed", 0, "reconstruction: the masks are drawn from jax.random.PRNGKey(seed).")
   flags.DEFINE_multi_string("workdir", None, "Training workdir: one for `curves`, one per run for `compare`.")
 
 
@@ -389,8 +397,8 @@ def plot_comparison(workdirs, output="compare.png"):
 # --- CLI ------------------------------------------------------------------------------------------------------
 
 
-def _images(trained, paths, default_count):
-  """(images [n, size, size, 3], titles) from files or --dataset."""
+def _images(trained, paths, default_count, default_dataset=None):
+  """(images [n, size, size, 3], titles) from files or --dataset (else `default_dataset`)."""
   if paths:
     found, _ = files.expand(paths)
     images, titles, skipped = [], [], []
@@ -406,11 +414,12 @@ def _images(trained, paths, default_count):
     if not images:
       raise UserError(f"none of the {len(found)} image(s) could be read, e.g. {skipped[0]}")
     return np.stack(images), titles
-  if not FLAGS.dataset:
+  dataset = FLAGS.dataset or default_dataset
+  if not dataset:
     raise UserError("pass image files or folders, or --dataset=NAME to take images from a dataset")
   from vit_jax import data  # pylint: disable=g-import-not-at-top  (grain/TFDS only when needed)
   from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  source = data.open_source(FLAGS.dataset, FLAGS.split or trained.run_setting("pp.test", "test"),
+  source = data.open_source(dataset, FLAGS.split or trained.run_setting("pp.test", "test"),
                             tfds_data_dir=FLAGS.tfds_data_dir or trained.run_setting("tfds_data_dir"))
   count = min(FLAGS.num_images or default_count, len(source))
   if count < 1:
@@ -456,6 +465,14 @@ def main(args):
     if not workdir:
       raise UserError("curves needs --workdir=DIR (a training workdir)")
     print(f"wrote {plot_training_curves(workdir, output)}")
+    return
+  if kind == "reconstruction":
+    if not FLAGS.checkpoint:
+      raise UserError("reconstruction needs --checkpoint=DIR, the workdir of a mae or masked_patch run")
+    from vit_jax.tools import reconstruction  # pylint: disable=g-import-not-at-top  (the training stack, only here)
+    run = reconstruction.load_run(FLAGS.checkpoint)
+    images, titles = _images(reconstruction.as_trained_model(run, FLAGS.checkpoint), paths, 6, run.config.dataset)
+    print(f"wrote {reconstruction.plot(run, images, output, titles, seed=FLAGS.seed)}")
     return
   if not FLAGS.checkpoint:
     raise UserError("--checkpoint is required: a training workdir or a zoo .npz file")

@@ -31,6 +31,7 @@ _LINEN_TO_ZOO_BLOCK_NAMES = {
 _GROUPNORM_PARAM = re.compile(r"(^|/)gn(\d+|_root|_proj)/(scale|bias)$")
 ENCODER_BLOCK = re.compile(r"^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$")
 POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
+EMBEDDING_KEY = "embedding/kernel"  # a plain ViT's patch filters (patch_h, patch_w, 3, hidden)
 _RESIZE_METHODS = ("linear", "bicubic")
 
 
@@ -258,6 +259,10 @@ def load_pretrained(*, pretrained_path, init_params, model_config, image_size=No
       raise UserError(f"checkpoint {pretrained_path} has no parameter {key} {_shape(init_value)} that model "
                       f"{model_config.get('model_name')} needs; use the checkpoint of the same model")
     value = restored.pop(key)
+    if key == EMBEDDING_KEY and _shape(value)[2:] == _shape(init_value)[2:] and model_config.get("resnet") is None:
+      if _shape(value) != _shape(init_value):  # another patch size: FlexiViT's PI-resize of the pixel filters
+        logging.info("load_pretrained: PI-resized %s %s -> %s (patch size)", key, _shape(value), _shape(init_value))
+        value = pi_resize_patch_embedding(np.asarray(value), _shape(init_value)[:2])
     if _shape(value) != _shape(init_value):
       if key != POSEMB_KEY:
         raise UserError(f"parameter {key} has shape {_shape(value)} in {pretrained_path} but "
@@ -295,6 +300,27 @@ def resample_posemb(posemb, model_config, image_size=None, *, num_tokens=None, m
     return posemb
   return interpolate_posembed(posemb, num_tokens, geometry.has_class_token(model_config), grid_shape=grid_shape,
                               method=method)
+
+
+def bilinear_resize_matrix(old_size, new_size):
+  """[new_h * new_w, old_h * old_w]: `jax.image.resize(patch, new_size, "bilinear")` of an old-size patch (row-major
+  pixels) as a matrix, column i the resized i-th basis patch."""
+  basis = np.eye(old_size[0] * old_size[1], dtype=np.float32).reshape(-1, *old_size)
+  resized = jax.vmap(lambda patch: jax.image.resize(patch, tuple(new_size), "bilinear"))(basis)
+  return np.asarray(resized, np.float64).reshape(len(basis), -1).T
+
+
+def pi_resize_patch_embedding(kernel, new_size):
+  """FlexiViT's pseudo-inverse resize (Beyer et al. 2023) of patch filters (ph, pw, C, D) to `new_size` (qh, qw):
+  the filters w' = pinv(B^T) w, B the bilinear resize matrix, so that <resize(x), w'> = <x, w> for every patch x
+  when upsampling (a token of a resized patch equals the original token), the least-squares fit when shrinking."""
+  old_size = tuple(kernel.shape[:2])
+  if old_size == tuple(new_size):
+    return kernel
+  resize = bilinear_resize_matrix(old_size, new_size)
+  flat = np.asarray(kernel, np.float64).reshape(old_size[0] * old_size[1], -1)
+  resized = np.linalg.pinv(resize.T) @ flat
+  return resized.reshape(*new_size, *kernel.shape[2:]).astype(kernel.dtype)
 
 
 def shape_differences(got, want):

@@ -355,6 +355,10 @@ TABLE_ROWS = [
      Run(output=r"wrote bit\.safetensors", files=("bit.safetensors",))),
     ("python -m vit_jax.tools.inspect BiT-M-R50x1.npz", Run(output=r"BiT-R50x1")),
     ("python -m vit_jax.tools.convert --input=model.safetensors --output=model.npz", Run(files=("model.npz",))),
+    ("python -m vit_jax.tools.convert --input=runs/quickstart --output=hf_vit --to=hf",
+     Run(files=("hf_vit/config.json", "hf_vit/model.safetensors"))),
+    ("python -m vit_jax.tools.convert --input=hf_vit --output=model.npz",
+     Run(output=r"gelu_approximate=True", files=("model.npz",))),
     ("python -m vit_jax.tools.convert --input=timm_vit_b16.safetensors --output=vit.npz --model_name=ViT-B_16",
      Run(sub=(B16_TO_TESTING,), files=("vit.npz",))),
     (".venv/bin/python -m pytest -q -s tests/test_convert.py -k timm",
@@ -467,6 +471,7 @@ def _build_inputs(root: Path):
   state = convert.export_timm(str(root / "ViT-B_16.npz"), str(root / "exported.safetensors"))
   st_numpy.save_file(state, str(root / "timm_vit_b16.safetensors"))
   os.remove(root / "exported.safetensors")
+  convert.export_hf(str(root / "ViT-B_16.npz"), str(root / "hf_vit"))  # a transformers ViT directory
   rng = np.random.default_rng(0)
   images = ["image.png", "digit.png", "more_digits/1.png", "photos/x.jpg", "cat.jpg", "dog.jpg"]
   # folder/: images for infer, and an image-folder dataset (ROOT/{split}/{class}/) for configs/vit_b16.py:folder.

@@ -47,9 +47,9 @@ def warn_if_remat_saves_nothing(remat, scan_layers, platform):
                     "scan_layers=True for the saving", remat)
 
 
-def _layer_norm(name):
+def _layer_norm(name, eps=1e-6):
   # float32 whatever the compute dtype: bf16 statistics lose too much precision.
-  return nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name=name)
+  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, name=name)
 
 
 class AddPositionEmbs(nn.Module):
@@ -65,6 +65,7 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  gelu_approximate: bool = True  # the zoo's tanh GELU; False: exact erf GELU (Hugging Face transformers' ViT)
 
   @nn.compact
   def __call__(self, x, *, deterministic):
@@ -72,7 +73,7 @@ class MlpBlock(nn.Module):
         features, dtype=self.dtype, dot_general=precision.dot_general,
         kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(stddev=1e-6), name=name)
     out_dim = x.shape[-1]
-    x = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=True)
+    x = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=self.gelu_approximate)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = dense(out_dim, "Dense_1")(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -150,16 +151,19 @@ class Encoder1DBlock(nn.Module):
   dtype: Any = jnp.float32
   fused_attention: bool = False
   scanned: bool = False  # under `nn.scan`: return (carry, per-step output)
+  layer_norm_eps: float = 1e-6
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, x, deterministic, drop_rate=None):  # positional: `nn.remat` marks it static by position
     branch = lambda y: y if drop_rate is None else drop_path(self, y, drop_rate, deterministic)
-    y = _layer_norm("LayerNorm_0")(x).astype(self.dtype)
+    y = _layer_norm("LayerNorm_0", self.layer_norm_eps)(x).astype(self.dtype)
     y = MultiHeadDotProductAttention(self.num_heads, self.attention_dropout_rate, self.dtype, self.fused_attention,
                                      name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
     x = x + branch(nn.Dropout(self.dropout_rate)(y, deterministic=deterministic))
-    y = _layer_norm("LayerNorm_2")(x).astype(self.dtype)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(y, deterministic=deterministic)
+    y = _layer_norm("LayerNorm_2", self.layer_norm_eps)(x).astype(self.dtype)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu_approximate, name="MlpBlock_3")(
+        y, deterministic=deterministic)
     x = x + branch(y)
     return (x, None) if self.scanned else x
 
@@ -181,6 +185,8 @@ class Encoder(nn.Module):
   remat: str = "none"
   scan_layers: bool = False
   stochastic_depth: float = 0.0
+  layer_norm_eps: float = 1e-6
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, x, *, train, keep=None, num_prefix=0):
@@ -198,6 +204,7 @@ class Encoder(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     block_args = (self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate, self.dtype,
                   self.fused_attention)
+    numerics = dict(layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate)
     # Per-layer drop-path rates, only when training with stochastic depth: otherwise the blocks are the zoo's.
     rates = drop_path_rates(self.stochastic_depth, self.num_layers) if train and self.stochastic_depth else None
     if self.scan_layers:
@@ -205,12 +212,12 @@ class Encoder(nn.Module):
                         split_rngs={"params": True, "dropout": True}, length=self.num_layers,
                         in_axes=nn.broadcast if rates is None else (nn.broadcast, 0))
       extra = () if rates is None else (jnp.asarray(rates),)
-      x, _ = scanned(*block_args, scanned=True, name="encoderblock")(x, not train, *extra)
+      x, _ = scanned(*block_args, scanned=True, **numerics, name="encoderblock")(x, not train, *extra)
     else:
       for layer in range(self.num_layers):
         extra = () if rates is None or not rates[layer] else (float(rates[layer]),)
-        x = block(*block_args, name=f"encoderblock_{layer}")(x, not train, *extra)
-    return _layer_norm("encoder_norm")(x)
+        x = block(*block_args, **numerics, name=f"encoderblock_{layer}")(x, not train, *extra)
+    return _layer_norm("encoder_norm", self.layer_norm_eps)(x)
 
 
 class VisionTransformer(nn.Module):
@@ -233,6 +240,9 @@ class VisionTransformer(nn.Module):
   remat: str = "none"
   scan_layers: bool = False
   stochastic_depth: float = 0.0  # drop-path rate of the last encoder block, linear over depth; training only
+  # The zoo's numerics; Hugging Face transformers' ViT uses eps 1e-12 and the exact GELU (`models/hf.py`).
+  layer_norm_eps: float = 1e-6
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, images, *, train=False, patch_transform=None, keep=None):
@@ -269,7 +279,8 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
         num_prefix = 1
       x = Encoder(**self.transformer, dtype=dtype, fused_attention=self.fused_attention, remat=self.remat,
-                  scan_layers=self.scan_layers, stochastic_depth=self.stochastic_depth, name="Transformer")(
+                  scan_layers=self.scan_layers, stochastic_depth=self.stochastic_depth,
+                  layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate, name="Transformer")(
                       x, train=train, keep=keep, num_prefix=num_prefix)
 
     if self.classifier == "token":

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.ndimage
 
 from vit_jax.errors import UserError
-from vit_jax.models import bit, geometry, registry, vit
+from vit_jax.models import bit, geometry, hf, registry, vit
 
 ZOO_URL = "https://storage.googleapis.com/vit_models/"
 
@@ -83,7 +83,11 @@ def _read_npz(path):
 
 
 def load(path):
-  """Nested dict of numpy arrays from a zoo `.npz` (local path or any etils-epath URL such as gs://)."""
+  """Nested dict of numpy arrays from a zoo `.npz` (local path or any etils-epath URL such as gs://), or from a
+  Hugging Face transformers ViT directory (`config.json` + `model.safetensors`, told by its content)."""
+  if hf.is_hf_dir(path):
+    flat, _, _ = hf.read(path)
+    return _unflatten(flat)
   flat = _to_zoo_names(_read_npz(path))
   if not flat:
     raise UserError(f"checkpoint {path} holds no arrays; download it again")

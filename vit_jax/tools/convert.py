@@ -2,6 +2,8 @@
 
   python -m vit_jax.tools.convert --input=runs/quickstart --output=model.safetensors        # workdir or .npz -> timm
   python -m vit_jax.tools.convert --input=model.safetensors --output=model.npz              # timm -> zoo
+  python -m vit_jax.tools.convert --input=runs/quickstart --output=hf_vit --to=hf           # -> transformers
+  python -m vit_jax.tools.convert --input=hf_vit --output=model.npz                         # transformers -> zoo
 
 The direction follows the file extensions. The timm layout (`timm.models.vision_transformer.VisionTransformer`):
 fused `blocks.{i}.attn.qkv` (rows: q, k, v, each head-major), torch `Linear` weights (out, in), OIHW convolutions,
@@ -35,7 +37,7 @@ import numpy as np
 
 from vit_jax import models
 from vit_jax.errors import UserError
-from vit_jax.models import bit, geometry, zoo
+from vit_jax.models import bit, geometry, hf, zoo
 from vit_jax.tools import cli, trained_model
 
 FLAGS = flags.FLAGS
@@ -46,6 +48,7 @@ def define_flags():
   cli.define_flags("model_name", "output")
   flags.DEFINE_string("input", None, "Workdir, zoo .npz, or timm .safetensors.")
   flags.DEFINE_integer("num_heads", None, "Attention heads, for .safetensors without vit_jax metadata.")
+  flags.DEFINE_enum("to", None, ["hf"], "hf: write --output as a Hugging Face transformers ViT directory.")
 
 CONFIG_METADATA = "vit_jax.model_config"
 TIMM_METADATA = "timm_kwargs"
@@ -382,11 +385,43 @@ def _import_bit(state, input_path, output_path, model_name):
   return flat
 
 
+def export_hf(input_path, output_dir, model_name=None):
+  """Writes a workdir's or zoo `.npz`'s plain ViT as a transformers `ViTForImageClassification` directory."""
+  trained = trained_model.load(input_path, model_name=model_name, with_class_names=True)
+  if models.family(trained.model_config) != "vit":
+    raise UserError(f"{input_path} is {trained_model.describe(trained.model_config)}; transformers' ViT layout holds "
+                    "plain Vision Transformers")
+  flat = {key: np.asarray(value) for key, value in zoo.flatten(trained.params).items()}
+  image_size = geometry.image_hw(trained.image_size)
+  if image_size[0] != image_size[1]:
+    raise UserError(f"image size {image_size} is not square, which transformers' ViTConfig cannot express")
+  cli.write_output(output_dir, lambda path: hf.write(
+      flat, trained.model_config, path, num_labels=trained.num_classes, image_size=image_size[0],
+      class_names=trained.class_names))
+  return flat
+
+
+def import_hf(input_dir, output_path):
+  """Writes the zoo `.npz` of a transformers ViT directory; returns its model fields (the GELU form and LayerNorm
+  eps that its logits need are logged: a `.npz` does not record them)."""
+  flat, fields, _ = hf.read(input_dir)
+  params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+  cli.write_output(output_path, lambda path: zoo.save(params, path))
+  logging.warning("%s computes with gelu_approximate=%s and layer_norm_eps=%g; set these model fields (config file: "
+                  "config.model.update(...)) to reproduce its logits exactly", input_dir, fields["gelu_approximate"],
+                  fields["layer_norm_eps"])
+  return fields
+
+
 def main():
   source, target = FLAGS.input, FLAGS.output
   if not source or not target:
     raise UserError("--input and --output are required, e.g. --input=model.npz --output=model.safetensors")
-  if target.endswith(".safetensors") and (source.endswith(".npz") or os.path.isdir(source)):
+  if FLAGS.to == "hf":
+    export_hf(source, target, FLAGS.model_name)
+  elif hf.is_hf_dir(source) and target.endswith(".npz"):
+    import_hf(source, target)
+  elif target.endswith(".safetensors") and (source.endswith(".npz") or os.path.isdir(source)):
     export_timm(source, target, FLAGS.model_name)
   elif source.endswith(".safetensors") and target.endswith(".npz"):
     import_timm(source, target, FLAGS.model_name, FLAGS.num_heads)

@@ -306,10 +306,11 @@ TABLE_ROWS = [
     (DATA_BENCH_JPEG + " --randaug=2,10", Run(sub=(("/tmp/jpegs", "jpegs"),), tiny="--num_images=8 --workers=0 "
                                              "--seconds=0.2 --batch=4 --crop=16", output=r"randaug=2,10(.|\n)*"
                                                                                         r"workers=0: \d+ img/s")),
-    (BIT_INFER_PEER, Run(sub=((" --peer_python=.peer/bin/python", ""),),
-                         tiny="--image_size=32 --batch=8 --steps=1 --warmup=1", output=r'"family": "bit"')),
+    (BIT_INFER_PEER, Skip("its cost is paid by tests/test_benchmark.py::test_convolutional_models_benchmark (BiT-R50x1, "
+                          "infer, 32 px) and its peer by test_peer_runs_on_the_same_shape_after_the_benchmark")),
     (BIT_INFER_PEER.replace("--steps=5 --warmup=2 --mode=infer", "--steps=3 --warmup=1 --mode=train"),
-     covered(BIT_INFER_PEER, why=f"the --mode=train form; {SAME_FLAGS}")),
+     Skip("the --mode=train form of the same tool; tests/test_benchmark.py benchmarks CNN training and BiT "
+          "inference")),
     # docs/recipes.md
     (RECIPE, Run(tiny=TRAIN_TINY, files=("runs/recipe/model.npz",), output=r"holds the ema weights")),
     ("python -m vit_jax.main --config=configs/quickstart.py --workdir=runs/digits/randaug-0 --config.seed=0 "
@@ -400,7 +401,8 @@ TABLE_ROWS = [
     (MAE_FINETUNE, Run(tiny=TRAIN_TINY, output=r"load_pretrained: head/kernel \(64, 10\) from the new model",
                        files=("runs/mae_digits_10_labels/model.npz",))),
     ("python -m vit_jax.main --config=configs/ssl_digits.py:masked_patch --workdir=runs/mpp_digits",
-     Run(tiny=SSL_TINY, output=r"masked_accuracy", files=("runs/mpp_digits/model.npz",))),
+     Skip("the :mae form runs; tests/test_ssl.py trains the masked_patch objective through the loop and "
+          "tests/test_configs.py checks this config")),
     ("python -m vit_jax.main --config=configs/digits_10_labels.py --workdir=runs/scratch_10_labels "
      "--config.total_steps=1500", covered(MAE_FINETUNE, why=f"the same config from scratch; {SAME_FLAGS}")),
     (f"{VISUALIZE} reconstruction --checkpoint=runs/mae_digits --dataset=digits --num_images=6",

@@ -97,7 +97,7 @@ def test_incompatible_workdir_names_the_keys(uninterrupted):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--config.batchh=64"], 'Did you mean "batch"'),
-    (["--config.trainer=mae"], "unknown trainer 'mae'; use one of supervised"),
+    (["--config.trainer=byol"], "unknown trainer 'byol'; use one of supervised, masked_patch, mae"),
     (["--config.loss=hinge"], "unknown loss 'hinge'; use one of softmax_xent, sigmoid_xent"),
     (["--config.model_name=ViT-B_61"], "unknown model name 'ViT-B_61'"),
     (["--config.mesh.data=3"], "multiply to 3 but there are 8 devices"),

@@ -133,7 +133,8 @@ def bench_args(**overrides):
   """The benchmark's flag values, as `FLAGS` holds them after parsing."""
   values = dict(model_name="BiT-R50x1", batch=8, image_size=224, num_classes=10, mode="infer", patch=0,
                 remat="none", scan_layers=False, fused_attention=False, steps=3, warmup=1, peer_python="/peer/python",
-                peer_dir=None, peer_compile=False, dtype="auto", optimizer="sgd")
+                peer_dir=None, peer_compile=False, dtype="auto", optimizer="sgd", trainer="supervised",
+                mask_ratio=0.75)
   return types.SimpleNamespace(**{**values, **overrides})
 
 
@@ -236,3 +237,26 @@ def test_data_benchmark_cli_runs_on_digits():
   bad = subprocess.run([sys.executable, "-m", "vit_jax.tools.data_benchmark", "--dataset=digits", "--workers=two"],
                        capture_output=True, text=True, timeout=300)
   assert "--workers=two must be integers" in one_error_line(bad)
+
+
+@pytest.mark.parametrize("flags_, message", [
+    (dict(trainer="mae", model_name="ViT-Ti_16", mode="infer"), "--trainer=mae is a training objective; use it with "
+                                                               "--mode=train"),
+    (dict(trainer="mae", model_name="ViT-Ti_16", mode="train"), "no peer for --trainer=mae"),
+    (dict(trainer="masked_patch", mode="train", peer_python=None), "masks patch tokens, which BiT-R50x1"),
+])
+def test_ssl_trainer_flags_are_checked(flags_, message):
+  from vit_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
+  args = bench_args(**flags_)
+  with pytest.raises(UserError, match=re.escape(message)):
+    benchmark.check_args(args, models.get_model_config(args.model_name))
+
+
+@pytest.mark.slow
+def test_mae_train_step_counts_the_visible_patches_as_xla_does():
+  # 64 patches (patch 4 on 32 px), 16 visible; the decoder (512 x 8 by default) runs on all of them.
+  result = run_benchmark("--mode=train", "--trainer=mae", "--mask_ratio=0.75", "--patch=4")
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["trainer"] == "mae"
+  assert report["xla_gflops_per_step"] == pytest.approx(report["model_gflops_per_step"], rel=0.2)

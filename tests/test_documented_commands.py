@@ -407,6 +407,9 @@ TABLE_ROWS = [
      "--config.total_steps=1500", covered(MAE_FINETUNE, why=f"the same config from scratch; {SAME_FLAGS}")),
     (f"{VISUALIZE} reconstruction --checkpoint=runs/mae_digits --dataset=digits --num_images=6",
      Run(output=r"wrote reconstruction\.png", files=("reconstruction.png",))),
+    ("python -m vit_jax.tools.benchmark --model_name=ViT-B_16 --image_size=224 --batch=64 --trainer=mae "
+     "--mask_ratio=0.75", Skip("tests/test_benchmark.py::test_mae_train_step_counts_the_visible_patches_as_xla_does "
+                               "runs it on the one-layer model")),
     ("python -m vit_jax.tools.fewshot --checkpoint=RUN",
      covered("python -m vit_jax.tools.fewshot --checkpoint=runs/cnn_digits --shots=1,5,10,25 --seeds=3",
              why="synopsis; any run's workdir")),

@@ -3,6 +3,7 @@
   python -m vit_jax.tools.benchmark --model_name=ViT-B_16 --image_size=224 --batch=256 --mode=train --dtype=bfloat16
   python -m vit_jax.tools.benchmark --model_name=ViT-L_16 --batch=0 --remat=full --mesh.fsdp=-1 --mesh.data=1
   python -m vit_jax.tools.benchmark --model_name=BiT-R50x1 --image_size=224 --batch=32 --mode=infer
+  python -m vit_jax.tools.benchmark --model_name=ViT-B_16 --image_size=224 --batch=64 --trainer=mae --mask_ratio=0.75
 
 Speed is only comparable against a ceiling measured the same way on the same machine, so the step is the one
 training compiles (`vit_jax.steps`) and the ceiling a matmul measured in the same run; measured figures live in
@@ -16,7 +17,10 @@ step run; `largest_batch`), then benchmarks it; the JSON says which batches were
 
 Every family runs (ViTs, BiT ResNets, the course CNN, whose train step updates its BatchNorm statistics); the
 ViT-only flags (`--patch`, `--remat`, `--scan_layers`, `--fused_attention`) with a convolutional model are an error.
-The FLOPs are `vit_jax.flops`' analytic count of convolutions and matmuls for every family.
+The FLOPs are `vit_jax.flops`' analytic count of convolutions and matmuls for every family. `--trainer=mae` or
+`masked_patch` times the self-supervised train step instead (the objective's defaults: MAE's decoder 512 x 8);
+MAE's FLOPs count the encoder on the visible patches only, so the `xla_gflops_per_step` beside them shows the
+cost falling with `--mask_ratio`.
 
 `--peer_python=.peer/bin/python` also runs the timm peer on the same shape right after, for a side-by-side ratio, in
 the environment the benchmark was started with (`vit_jax.host.allocator` restores it after choosing ours; start the
@@ -38,11 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import flops, host, models, optim, sharding, steps
+from vit_jax import flops, host, models, objectives, optim, sharding, steps
 from vit_jax.errors import UserError
 from vit_jax.host import allocator
 from vit_jax.models import precision, vit
-from vit_jax.objectives.supervised import Supervised
 from vit_jax.tools import cli
 
 FLAGS = flags.FLAGS
@@ -67,6 +70,10 @@ def define_flags():
                    "cpu_devices", model_name="ViT-B_16", image_size=224, batch=64)
   flags.DEFINE_integer("patch", 0, "Override the patch size (0 keeps the model's), e.g. 4 for a 32 px ViT-Ti.")
   flags.DEFINE_enum("mode", "train", MODES, "Benchmark the train step or inference.")
+  flags.DEFINE_enum("trainer", "supervised", list(objectives.OBJECTIVES), "The train step's objective (--mode=train): "
+                    "supervised, or self-supervised pretraining (masked_patch; mae, whose encoder sees the visible "
+                    "patches only) with its default settings.")
+  flags.DEFINE_float("mask_ratio", 0.75, "--trainer=mae: the share of patches hidden from the encoder.")
   flags.DEFINE_bool("scan_layers", False, "Scan over encoder layers (faster compiles of deep models).")
   flags.DEFINE_bool("fused_attention", False, "jax.nn.dot_product_attention (cuDNN flash attention on GPU).")
   flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
@@ -184,6 +191,19 @@ def check_args(args, model_config):
     raise UserError(f"--batch={args.batch} must be positive, or 0 for the largest batch that fits")
   if args.batch == 0 and args.peer_python:
     raise UserError("--batch=0 and --peer_python together: pass the batch the peer should run with")
+  if args.trainer != "supervised":
+    if args.mode != "train":
+      raise UserError(f"--trainer={args.trainer} is a training objective; use it with --mode=train")
+    if args.peer_python:
+      raise UserError(f"--peer_python runs timm's supervised step, no peer for --trainer={args.trainer}; drop one")
+    objective(args).check_model(model_config, args.image_size)
+
+
+def objective(args):
+  """The train step's objective: `--trainer` with its default settings (`--mask_ratio` for MAE)."""
+  if args.trainer == "mae":
+    return objectives.MAE(mask_ratio=args.mask_ratio)
+  return objectives.get(args.trainer)()
 
 
 def make_model(args):
@@ -223,18 +243,22 @@ class Step:
 
 
 def make_step(args, model, mesh):
-  """The train step of `vit_jax.steps` (supervised softmax cross-entropy, `--optimizer`; BatchNorm normalises with
-  the batch and updates its statistics) or the forward pass (on the parameters and the model's state)."""
+  """The train step of `vit_jax.steps` (`--trainer`'s objective, supervised softmax cross-entropy by default,
+  `--optimizer`; BatchNorm normalises with the batch and updates its statistics) or the forward pass (on the
+  parameters and the model's state)."""
   tx, schedule = optim.make_optimizer(
       optimizer=args.optimizer, base_lr=1e-3, total_steps=1000, warmup_steps=10, decay_type="cosine",
       weight_decay=0.0 if args.optimizer == "sgd" else 0.1, grad_norm_clip=1.0)
+  train_objective = objective(args)
+  model = train_objective.wrap(model) if args.mode == "train" else model
   init_fn = steps.make_init_fn(model, tx, args.image_size)
   abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   state_shardings = sharding.tree_shardings(abstract_state, mesh)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
                                 state_shardings)
   if args.mode == "train":
-    fn = steps.make_train_step(model, tx, schedule, Supervised().loss_fn, mesh=mesh, state_shardings=state_shardings)
+    fn = steps.make_train_step(model, tx, schedule, train_objective.loss_fn, mesh=mesh,
+                               state_shardings=state_shardings)
   else:
     fn = jax.jit(lambda variables, x: model.apply(variables, x, train=False),
                  in_shardings=(state_shardings.variables(), sharding.batch_sharding(mesh)))
@@ -294,7 +318,8 @@ def compile_report(args, *, model_config, mesh, dtype_name, batch, compiled, com
   """What is known without running a step: the setup, compile time, FLOP counts and peak memory."""
   xla_flops, peak_bytes = compiled_stats(compiled)
   return {
-      "model": args.model_name, "family": models.family(model_config), "mode": args.mode, "dtype": dtype_name,
+      "model": args.model_name, "family": models.family(model_config), "mode": args.mode, "trainer": args.trainer,
+      "dtype": dtype_name,
       "image_size": args.image_size, "patch": model_config.patches.size[0] if "patches" in model_config else None,
       "batch": batch, "remat": args.remat,
       "scan_layers": args.scan_layers, "fused_attention": args.fused_attention, "mesh": dict(mesh.shape),
@@ -350,7 +375,7 @@ def benchmark(args, allocator_name: Optional[str] = None):
   compilations = Compilations(step, mesh, args.image_size)
   batch, search = choose_batch(args, compilations, mesh)
   compiled, compile_s = compilations(batch)
-  flops_per_image = flops.train_flops_per_image(model_config, args.image_size, args.num_classes)
+  flops_per_image = objective(args).train_flops_per_image(model_config, args.image_size, args.num_classes)
   if args.mode == "infer":
     flops_per_image /= 3  # forward only
   result = compile_report(args, model_config=model_config, mesh=mesh, dtype_name=dtype_name, batch=batch,

@@ -318,11 +318,11 @@ def compile_report(args, *, model_config, mesh, dtype_name, batch, compiled, com
   """What is known without running a step: the setup, compile time, FLOP counts and peak memory."""
   xla_flops, peak_bytes = compiled_stats(compiled)
   return {
-      "model": args.model_name, "family": models.family(model_config), "mode": args.mode, "trainer": args.trainer,
-      "dtype": dtype_name,
+      "model": args.model_name, "family": models.family(model_config), "mode": args.mode, "dtype": dtype_name,
       "image_size": args.image_size, "patch": model_config.patches.size[0] if "patches" in model_config else None,
       "batch": batch, "remat": args.remat,
-      "scan_layers": args.scan_layers, "fused_attention": args.fused_attention, "mesh": dict(mesh.shape),
+      "scan_layers": args.scan_layers, "fused_attention": args.fused_attention, "trainer": args.trainer,
+      "mesh": dict(mesh.shape),
       "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
       "allocator": allocator.describe(allocator_name),  # what holds XLA:CPU's buffers (vit_jax.host.allocator)
       "compile_s": round(compile_s, 2), "model_gflops_per_step": round(flops_per_image * batch / 1e9, 2),

@@ -185,11 +185,15 @@ def measured_activation_bytes(model_name, *, batch, image_size, dtype="float32",
   not grow with the batch (BiT's standardised kernels, gradient buffers), extrapolated to batch 0 from batches 1
   and 2. Three compilations (seconds to a minute each). Not the slope of two small batches times the batch: on
   XLA:CPU the bytes per example grow with the batch (the course CNN at 32 px: 2.3 MiB per example between batches
-  2 and 8, 3.4 between 64 and 128)."""
+  2 and 8, 3.4 between 64 and 128). Where the extrapolation is not positive (the course CNN in bfloat16 at 8
+  images: XLA:CPU lays the larger batch out more tightly), the slope of batches 1 and 2 times the batch, at least 0."""
   temp = functools.partial(gradient_temp_bytes, model_name, image_size=image_size, dtype=dtype,
                            num_classes=num_classes)
-  fixed = 2 * temp(batch=1) - temp(batch=2)
-  return temp(batch=batch) - fixed
+  one, two = temp(batch=1), temp(batch=2)
+  measured = temp(batch=batch) - (2 * one - two)
+  if measured <= 0:  # XLA:CPU can lay out a larger batch's buffers more tightly (bf16): the slope, not nonsense
+    measured = batch * max(two - one, 0)
+  return measured
 
 
 def estimate(model_name, *, batch, image_size, mesh=None, num_devices=None, optimizer="adamw", remat="none",

@@ -290,3 +290,19 @@ def test_flops_of_masked_patch_add_the_prediction_head():
   objective = objectives.MaskedPatch()
   head = 2 * 16 * 32 * 512
   assert objective.train_flops_per_image(config, 16, 0) == 3 * (flops.forward_flops_per_image(config, 16, 0) + head)
+
+
+@pytest.mark.slow
+def test_ssl_run_starts_from_a_supervised_file(tmp_path):
+  """`pretrained_path` into an SSL run: the encoder takes the file's weights (its head is dropped; frozen here by
+  lr_mults, so they come out unchanged), the objective's own parts keep their initialisation."""
+  model = models.get_model("testing", num_classes=10, **SMALL_VIT)
+  params = jax.device_get(model.init(jax.random.PRNGKey(3), jnp.zeros((1, 16, 16, 3)))["params"])
+  path = str(tmp_path / "supervised.npz")
+  checkpoint.save(params, path)
+  config = ssl_config("mae", pretrained_path=path, lr_mults=(("encoder/.*", 0.0),), total_steps=2,
+                      eval_every=0, checkpoint_every=0)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  exported = checkpoint.load(str(tmp_path / "run" / "model.npz"))
+  assert "head" not in exported
+  jax.tree.map(np.testing.assert_array_equal, exported, {k: v for k, v in params.items() if k != "head"})

@@ -247,6 +247,8 @@ def load_pretrained(*, pretrained_path, init_params, model_config, image_size=No
   scanned = "encoderblock" in init_params.get("Transformer", {})
   expected = flatten(vit.unstack_layers(init_params))
   adapted = {}
+  for key in [k for k in restored if is_head(k) and k not in expected]:  # e.g. an SSL encoder: no head
+    logging.info("load_pretrained: dropped %s %s (the model has no head)", key, _shape(restored.pop(key)))
   for key in [k for k in restored if k.startswith("pre_logits/") and k not in expected]:
     if model_config.get("representation_size") is None:
       logging.info("load_pretrained: dropped %s %s (the model has no representation layer)", key,

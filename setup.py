@@ -30,6 +30,7 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "safetensors>=0.4",  # timm-compatible export in vit_jax.tools.convert (numpy API: no torch needed)
+        "huggingface-hub>=0.34",  # `hf://` checkpoint names (vit_jax/models/hub.py; 0.34: the `hf` CLI it names)
         # The allocator the CLIs preload on Linux CPU hosts (vit_jax/host/allocator.py): XLA:CPU reuses its buffers.
         "cmeel-mimalloc>=3.4; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],

@@ -191,8 +191,11 @@ def test_bad_checkpoint_files(tmp_path):
   with pytest.raises(UserError, match=r"does not exist; download a zoo file"):
     checkpoint.load(tmp_path / "missing.npz")
   (tmp_path / "weights.pt").write_bytes(b"x")
-  with pytest.raises(UserError, match=r"is not an .npz file"):
+  with pytest.raises(UserError, match=r"weights.pt is a PyTorch pickle, which vit_jax never loads"):
     checkpoint.load(tmp_path / "weights.pt")
+  (tmp_path / "weights.h5").write_bytes(b"x")
+  with pytest.raises(UserError, match=r"is not an .npz, a .safetensors or a transformers/timm directory"):
+    checkpoint.load(tmp_path / "weights.h5")
   good = write_npz(tmp_path / "good.npz", {"a/b": np.arange(1000, dtype=np.float32)})
   data = open(good, "rb").read()
   (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from tests import numpy_vit
 from tests.test_infer import random_params
 from vit_jax import models
-from vit_jax.models import zoo
+from vit_jax.models import timm_layout, zoo
 from vit_jax.tools import convert
 from vit_jax.errors import UserError
 
@@ -129,11 +129,11 @@ def test_round_trip_is_bit_exact_and_numpy_forward_over_timm_layout_matches_jax(
   # Metadata rebuilds the model and restores the config.
   with safe_open(exported, framework="numpy") as f:
     metadata = f.metadata()
-  assert json.loads(metadata[convert.CONFIG_METADATA])["transformer"]["num_heads"] == num_heads
-  assert json.loads(metadata[convert.TIMM_METADATA])["act_layer"] == "gelu_tanh"
+  assert json.loads(metadata[timm_layout.CONFIG_METADATA])["transformer"]["num_heads"] == num_heads
+  assert json.loads(metadata[timm_layout.TIMM_METADATA])["act_layer"] == "gelu_tanh"
 
   back = str(tmp_path / "back.npz")
-  convert.import_timm(exported, back)
+  convert.import_checkpoint(exported, back)
   original, restored = np.load(path), np.load(back)
   assert sorted(original.files) == sorted(restored.files)
   for name in original.files:
@@ -154,7 +154,7 @@ def test_timm_layout_names_and_shapes():
     kernel[:, 1] += 10  # mark the second head
     flat[f"Transformer/encoderblock_0/MultiHeadDotProductAttention_1/{n}/kernel"] = kernel
     flat[f"Transformer/encoderblock_0/MultiHeadDotProductAttention_1/{n}/bias"] = np.zeros((heads, d // heads))
-  state = convert.zoo_to_timm(flat)
+  state = timm_layout.zoo_to_timm(flat)
   assert state["patch_embed.proj.weight"].shape == (d, 3, 4, 4)
   assert state["head.weight"].shape == (3, d)
   qkv = state["blocks.0.attn.qkv.weight"]
@@ -193,18 +193,20 @@ def test_import_errors_and_foreign_files(tmp_path):
   convert.export_timm(path, exported)
   # `testing` has other widths than this checkpoint: the named model does not match.
   with pytest.raises(UserError, match="does not match model testing"):
-    convert.import_timm(exported, str(tmp_path / "x.npz"), model_name="testing")
+    convert.import_checkpoint(exported, str(tmp_path / "x.npz"), model_name="testing")
   # Without vit_jax metadata (a file from another tool) the heads must be given.
   bare = str(tmp_path / "bare.safetensors")
   st_numpy.save_file(st_numpy.load_file(exported), bare)
   with pytest.raises(UserError, match="--num_heads"):
-    convert.import_timm(bare, str(tmp_path / "b.npz"))
+    convert.import_checkpoint(bare, str(tmp_path / "b.npz"))
   with pytest.raises(UserError, match="does not divide"):
-    convert.import_timm(bare, str(tmp_path / "b.npz"), num_heads=5)
-  flat = convert.import_timm(bare, str(tmp_path / "b.npz"), num_heads=4)
+    convert.import_checkpoint(bare, str(tmp_path / "b.npz"), num_heads=5)
+  flat = convert.import_checkpoint(bare, str(tmp_path / "b.npz"), num_heads=4).flat
   np.testing.assert_array_equal(flat["embedding/kernel"], np.load(path)["embedding/kernel"])
-  with pytest.raises(UserError, match="no zoo counterpart"):
-    convert.timm_to_zoo({"blocks.0.ls1.gamma": np.zeros(4)}, num_heads=1)
+  with pytest.raises(UserError, match=r"blocks.0.attn.q_norm.weight belongs to qk_norm"):
+    timm_layout.timm_to_zoo({"blocks.0.attn.q_norm.weight": np.zeros(4)}, num_heads=1)
+  with pytest.raises(UserError, match=r"dist_token belongs to a distillation token"):
+    timm_layout.timm_to_zoo({"dist_token": np.zeros((1, 1, 4))}, num_heads=1)
 
 
 # --- timm itself, where the peer venv exists (bash $VIT_JAX_PEER_DIR/setup.sh .peer) -------------------------------
@@ -314,13 +316,13 @@ def test_bit_exports_timms_layout_and_round_trips_bit_exactly(tmp_path):
   assert state["stages.1.blocks.0.conv1.weight"].shape == (128, 256, 1, 1)  # as timm's resnetv2_50x1_bit
   with safe_open(exported, framework="numpy") as f:
     metadata = f.metadata()
-  assert json.loads(metadata[convert.TIMM_METADATA]) == {"layers": list(BIT_UNITS), "width_factor": 1,
+  assert json.loads(metadata[timm_layout.TIMM_METADATA]) == {"layers": list(BIT_UNITS), "width_factor": 1,
                                                          "num_classes": 5, "stem_type": "fixed"}
-  assert convert.TIMM_MODEL_METADATA not in metadata  # timm registers no (1, 2, 1, 1) BiT
-  assert json.loads(metadata[convert.CONFIG_METADATA])["family"] == "bit"
+  assert timm_layout.TIMM_MODEL_METADATA not in metadata  # timm registers no (1, 2, 1, 1) BiT
+  assert json.loads(metadata[timm_layout.CONFIG_METADATA])["family"] == "bit"
 
   back = str(tmp_path / "back.npz")
-  convert.import_timm(exported, back)
+  convert.import_checkpoint(exported, back)
   with np.load(back) as npz:
     restored = {key: npz[key] for key in npz.files}
   assert sorted(restored) == sorted(original)
@@ -330,30 +332,30 @@ def test_bit_exports_timms_layout_and_round_trips_bit_exactly(tmp_path):
   # A file without vit_jax metadata (timm's own) imports the same.
   bare = str(tmp_path / "bare.safetensors")
   st_numpy.save_file(state, bare)
-  flat_back = convert.import_timm(bare, str(tmp_path / "bare.npz"))
+  flat_back = convert.import_checkpoint(bare, str(tmp_path / "bare.npz")).flat
   assert sorted(flat_back) == sorted(original)
 
 
 def test_bit_timm_names_and_import_checks(tmp_path):
   for name, timm_name in (("BiT-R50x1", "resnetv2_50x1_bit"), ("BiT-R101x3", "resnetv2_101x3_bit"),
                           ("BiT-R152x4", "resnetv2_152x4_bit")):
-    assert convert.timm_bit_name(models.get_model_config(name)) == timm_name
-  assert convert.timm_bit_name(models.get_model_config("BiT-R50x1", block_units=BIT_UNITS)) is None
+    assert timm_layout.timm_bit_name(models.get_model_config(name)) == timm_name
+  assert timm_layout.timm_bit_name(models.get_model_config("BiT-R50x1", block_units=BIT_UNITS)) is None
   path, _, _ = make_bit_checkpoint(tmp_path, width_factor=2, num_classes=3)
   exported = str(tmp_path / "wide.safetensors")
   convert.export_timm(path, exported)
   with pytest.raises(UserError, match=r"wide.safetensors is a BiT ResNet-v2 with \(1, 2, 1, 1\) units per stage "
                                       r"\(width 2\) but --model_name=BiT-R50x1 has width 1"):
-    convert.import_timm(exported, str(tmp_path / "x.npz"), model_name="BiT-R50x1")
+    convert.import_checkpoint(exported, str(tmp_path / "x.npz"), model_name="BiT-R50x1")
   with pytest.raises(UserError, match=r"holds a BiT ResNet-v2 but --model_name=ViT-B_16 is a Vision Transformer"):
-    convert.import_timm(exported, str(tmp_path / "x.npz"), model_name="ViT-B_16")
+    convert.import_checkpoint(exported, str(tmp_path / "x.npz"), model_name="ViT-B_16")
   narrow, _, _ = make_bit_checkpoint(tmp_path, num_classes=3, name="narrow")
   convert.export_timm(narrow, str(tmp_path / "narrow.safetensors"))
   with pytest.raises(UserError, match=r"does not match model BiT-R50x1: .*resnet/block1/unit02"):
-    convert.import_timm(str(tmp_path / "narrow.safetensors"), str(tmp_path / "x.npz"), model_name="BiT-R50x1")
+    convert.import_checkpoint(str(tmp_path / "narrow.safetensors"), str(tmp_path / "x.npz"), model_name="BiT-R50x1")
   assert not os.path.exists(tmp_path / "x.npz")
   with pytest.raises(UserError, match="stages.0.blocks.0.ls1.gamma has no BiT counterpart"):
-    convert.timm_to_bit({"stem.conv.weight": np.zeros((64, 3, 7, 7)), "stages.0.blocks.0.ls1.gamma": np.zeros(4)})
+    timm_layout.timm_to_bit({"stem.conv.weight": np.zeros((64, 3, 7, 7)), "stages.0.blocks.0.ls1.gamma": np.zeros(4)})
 
 
 def test_cnn_has_no_timm_model(tmp_path):
@@ -398,7 +400,7 @@ def test_timm_loads_exported_bit_strictly_and_matches(tmp_path, block_units, wid
   exported = str(tmp_path / "bit.safetensors")
   convert.export_timm(path, exported)
   with safe_open(exported, framework="numpy") as f:
-    assert (f.metadata().get(convert.TIMM_MODEL_METADATA) == "resnetv2_50x1_bit") == (block_units == (3, 4, 6, 3))
+    assert (f.metadata().get(timm_layout.TIMM_MODEL_METADATA) == "resnetv2_50x1_bit") == (block_units == (3, 4, 6, 3))
   images = np.random.default_rng(1).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
   logits = np.asarray(jax.jit(model.apply)({"params": params}, images))
   np.save(tmp_path / "images.npy", images)

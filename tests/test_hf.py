@@ -192,7 +192,7 @@ def test_convert_to_hf_and_back_and_fine_tune_from_the_directory(tmp_path):
       32, 2, 4, 16)
   assert config["hidden_act"] == "gelu_pytorch_tanh" and len(config["id2label"]) == 5
   back = str(tmp_path / "back.npz")
-  fields = convert.import_hf(directory, back)
+  fields = convert.import_checkpoint(directory, back).fields
   assert fields["gelu_approximate"] and fields["layer_norm_eps"] == 1e-6
   jax.tree.map(np.testing.assert_array_equal, checkpoint.load(back), _nest(flat))
   # load_pretrained reads the directory by its content: a new 3-class head, position embeddings for 24 px.

@@ -21,6 +21,13 @@ BIT_PARAMETER_COUNTS = {
     "BiT-R50x1": 25_549_352, "BiT-R50x3": 217_319_080, "BiT-R101x1": 44_541_480, "BiT-R101x3": 387_934_888,
     "BiT-R152x2": 236_335_208, "BiT-R152x4": 936_533_224,
 }
+# timm's counts of the same architectures at 1000 classes and 224 px (timm 1.0.31, `sum(p.numel())` of
+# deit3_{small,base,large}_patch16_224, vit_{base,large}_patch16_siglip_*, vit_so400m_patch14_siglip_224 and
+# vit_base_patch16_reg4_gap_256, each created with img_size=224).
+TIMM_PARAMETER_COUNTS = {
+    "DeiT3-S_16": 22_059_496, "DeiT3-B_16": 86_585_320, "DeiT3-L_16": 304_374_760, "ViT-B_16-SigLIP": 93_653_224,
+    "ViT-L_16-SigLIP": 316_919_784, "ViT-So400m_14-SigLIP": 428_833_704, "ViT-B_16-reg4-gap": 86_569_192,
+}
 # Plain ViTs not in that list: (hidden, mlp, layers, patch, class token) for the count by formula below.
 OTHER_VITS = {
     "ViT-S_16-gap-norep": (384, 1536, 12, 16, False), "ViT-B_16-gap-norep": (768, 3072, 12, 16, False),
@@ -63,6 +70,8 @@ def expected_count(name, image_size):
     return ZOO_PARAMETER_COUNTS[name]
   if name in BIT_PARAMETER_COUNTS:
     return BIT_PARAMETER_COUNTS[name]
+  if name in TIMM_PARAMETER_COUNTS:
+    return TIMM_PARAMETER_COUNTS[name]
   if name == "CNN-CIFAR":
     return course_cnn_count(classes=1000, image=image_size)
   return count_by_formula(*OTHER_VITS[name], image=image_size)
@@ -100,7 +109,8 @@ def test_every_registry_model_builds_inits_and_runs_forward_at_its_native_size(n
   params = variables["params"]
   assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params)) == expected_count(name, size)
   if models.family(config) == "vit":
-    tokens = models.num_tokens(config, size)
+    rows, cols = models.geometry.grid_shape(config, size)
+    tokens = rows * cols + models.geometry.posemb_prefix_tokens(config)
     assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, tokens, config.hidden_size)
   assert jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images).shape == (2, 1000)
   features = models.get_model(name, num_classes=0)
@@ -109,7 +119,8 @@ def test_every_registry_model_builds_inits_and_runs_forward_at_its_native_size(n
 
 
 def test_registry_covers_zoo_and_augreg_names():
-  assert set(ZOO_PARAMETER_COUNTS) | set(OTHER_VITS) | set(BIT_PARAMETER_COUNTS) | {"CNN-CIFAR"} == set(
+  assert set(ZOO_PARAMETER_COUNTS) | set(OTHER_VITS) | set(BIT_PARAMETER_COUNTS) | set(TIMM_PARAMETER_COUNTS) | {
+      "CNN-CIFAR"} == set(
       models.model_names())
   assert models.canonical_name("B_16") == "ViT-B_16"
   assert models.canonical_name("R_Ti_16") == "R+ViT-Ti_16"

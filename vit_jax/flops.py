@@ -19,7 +19,7 @@ def _conv_out(size, kernel, stride, padding):
 
 def _vit_forward_flops(model_config, image_size, num_classes):
   """Per layer: QKV and output projections 8*N*D^2, MLP 4*N*D*M, attention scores and mixing 4*N^2*D; plus the
-  patch embedding and the head. A hybrid's ResNet stem is not counted, so its MFU is a lower bound."""
+  patch embedding, a MAP head and the head. A hybrid's ResNet stem is not counted, so its MFU is a lower bound."""
   rows, cols = geometry.grid_shape(model_config, image_size)
   grid = rows * cols
   patch_h, patch_w = model_config.patches.size
@@ -33,8 +33,10 @@ def _vit_forward_flops(model_config, image_size, num_classes):
   forward = 2 * grid * patch_h * patch_w * channels * hidden + 2 * hidden * num_classes
   transformer = model_config.get("transformer")
   if transformer is not None:
-    tokens = grid + int(geometry.has_class_token(model_config))
+    tokens = grid + geometry.num_prefix_tokens(model_config)
     forward += _transformer_flops(tokens, hidden, transformer.mlp_dim, transformer.num_layers)
+    if model_config.get("classifier") == "map":  # one probe: its q/out 4*D^2, keys/values 4*N*D^2, MLP, mixing
+      forward += 4 * hidden ** 2 + 4 * grid * hidden ** 2 + 4 * hidden * transformer.mlp_dim + 4 * grid * hidden
   return forward
 
 

@@ -14,6 +14,16 @@ def has_class_token(model_config: Mapping[str, Any]) -> bool:
   return model_config.get("classifier", "token") in TOKEN_CLASSIFIERS
 
 
+def num_prefix_tokens(model_config: Mapping[str, Any]) -> int:
+  """Tokens in front of the patch grid in the encoder: the class token and the registers."""
+  return int(has_class_token(model_config)) + int(model_config.get("num_registers", 0) or 0)
+
+
+def posemb_prefix_tokens(model_config: Mapping[str, Any]) -> int:
+  """Position embeddings in front of the grid's: none with `no_embed_class`, else one per prefix token."""
+  return 0 if model_config.get("no_embed_class", False) else num_prefix_tokens(model_config)
+
+
 def image_hw(image_size) -> Tuple[int, int]:
   """(height, width) of an image size given as an int (square) or a (height, width) pair."""
   if np.isscalar(image_size):
@@ -44,6 +54,7 @@ def grid_shape(model_config: Mapping[str, Any], image_size) -> Tuple[int, int]:
 
 
 def num_tokens(model_config: Mapping[str, Any], image_size) -> int:
-  """Sequence length (class token included) for an image of `image_size` (int or (height, width))."""
+  """Sequence length in the encoder (class token and registers included) for an image of `image_size` (int or
+  (height, width))."""
   rows, cols = grid_shape(model_config, image_size)
-  return rows * cols + int(has_class_token(model_config))
+  return rows * cols + num_prefix_tokens(model_config)

@@ -62,6 +62,19 @@ def is_hf_dir(path):
     return False
 
 
+def check_not_other_architecture(path):
+  """UserError when a directory holds a transformers `config.json` of another architecture (DeiT, Swin, CLIP...)."""
+  try:
+    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return
+  if isinstance(config, dict) and config.get("model_type") not in (None, "vit"):
+    architectures = ", ".join(config.get("architectures") or []) or "its model"
+    raise UserError(f"{path}/{CONFIG_FILE} is a transformers {config['model_type']!r} model ({architectures}); only "
+                    "transformers' ViT (model_type 'vit': ViTForImageClassification, ViTModel) is read here")
+
+
 def model_fields(hf_config, representation_size=None):
   """The registry model fields of a transformers ViTConfig dict: sizes, patch, classifier, GELU form and LayerNorm
   eps; `representation_size`: the pooler's width when the checkpoint has one."""

@@ -57,6 +57,16 @@ _MODELS = {
     # (patch 4 on 32 px: 64 tokens).
     "testing": dict(size=(10, 10, 2, 1), patch=16, dropout=0.1),
     "ViT-CIFAR_4": dict(size=(256, 512, 8, 6), patch=4, dropout=0.2),
+    # Later ViTs, for their published weights (docs/use.md): SigLIP image towers (big_vision; MAP pooling, no class
+    # token), DeiT III (LayerScale, no position embedding on the class token; trained with the exact GELU) and
+    # timm's register models (`vit_base_patch16_reg4_gap_256`).
+    "ViT-B_16-SigLIP": dict(size="B", patch=16, classifier="map"),
+    "ViT-L_16-SigLIP": dict(size="L", patch=16, classifier="map"),
+    "ViT-So400m_14-SigLIP": dict(size=(1152, 4304, 16, 27), patch=14, classifier="map"),
+    **{f"DeiT3-{size}_16": dict(size=size, patch=16, fields=dict(no_embed_class=True, layer_scale_init=1e-6,
+                                                                 gelu_approximate=False)) for size in "SBL"},
+    "ViT-B_16-reg4-gap": dict(size="B", patch=16, classifier="gap", fields=dict(
+        num_registers=4, no_embed_class=True, fc_norm=True, gelu_approximate=False)),
 }
 
 # Convolutional models: name -> (family, fields).
@@ -70,7 +80,8 @@ _CNNS = {
 # The AugReg release ("How to train your ViT?") names files `B_16-i21k-300ep-...npz`, `R26_S_32-...npz`.
 _NOT_IN_AUGREG = ("testing", "ViT-CIFAR_4", "ViT-L_32", "R50+ViT-B_16", "ViT-H_14")
 AUGREG_ALIASES = {
-    name.replace("ViT-", "").replace("+", "_"): name for name in _MODELS if name not in _NOT_IN_AUGREG
+    name.replace("ViT-", "").replace("+", "_"): name for name in _MODELS
+    if name not in _NOT_IN_AUGREG and not name.startswith("DeiT3") and not name.endswith(("SigLIP", "-reg4-gap"))
 }
 
 
@@ -89,6 +100,7 @@ def _build(name):
       dropout_rate=row.get("dropout", 0.0), attention_dropout_rate=0.0))
   config.classifier = row.get("classifier", "token")
   config.representation_size = None
+  config.update(row.get("fields", {}))
   if "resnet" in row:
     config.resnet = ml_collections.ConfigDict({"num_layers": row["resnet"], "width_factor": 1.0})
   return config
@@ -169,6 +181,11 @@ def _check_ranges(config):
   for key, value in transformer.items():
     if key.endswith("_rate") and not 0 <= value < 1:
       raise UserError(f"model transformer.{key}={value} must be in [0, 1)")
+  if config.get("num_registers", 0) < 0:
+    raise UserError(f"model num_registers={config.num_registers} must be 0 or more (timm's reg4 models: 4)")
+  if config.get("layer_scale_init") is not None and not config.layer_scale_init > 0:
+    raise UserError(f"model layer_scale_init={config.layer_scale_init} must be positive (DeiT III: 1e-6), or None "
+                    "for no LayerScale")
   stochastic_depth = config.get("stochastic_depth", 0.0)
   if not 0 <= stochastic_depth < 1:
     raise UserError(f"model stochastic_depth={stochastic_depth} must be in [0, 1) (0 = off), e.g. 0.1")

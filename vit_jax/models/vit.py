@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from vit_jax.errors import UserError
 from vit_jax.models import geometry, precision, resnet
 
-CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
+CLASSIFIERS = ("token", "gap", "map", "unpooled", "token_unpooled")
 # Rematerialisation of each encoder block in the backward pass: trade compute for activation memory.
 REMAT_POLICIES = {
     "none": None,
@@ -91,7 +91,9 @@ class MultiHeadDotProductAttention(nn.Module):
   fused: bool = False
 
   @nn.compact
-  def __call__(self, x, *, deterministic):
+  def __call__(self, x, *, deterministic, kv=None):
+    """Self-attention over `x`, or with `kv` [batch, tokens, hidden] the queries of `x` attending to `kv`."""
+    kv = x if kv is None else kv
     hidden = x.shape[-1]
     if hidden % self.num_heads:
       raise UserError(f"hidden size {hidden} is not divisible by num_heads={self.num_heads}")
@@ -99,7 +101,8 @@ class MultiHeadDotProductAttention(nn.Module):
     project = lambda name: nn.DenseGeneral(
         (self.num_heads, head_dim), dtype=self.dtype, dot_general=precision.dot_general,
         kernel_init=nn.initializers.xavier_uniform(), name=name)
-    query, key, value = (project(name)(x).astype(self.dtype) for name in ("query", "key", "value"))
+    query, key, value = (project(name)(inputs).astype(self.dtype)
+                         for name, inputs in (("query", x), ("key", kv), ("value", kv)))
     if self.fused:
       if self.dropout_rate > 0:
         raise UserError(f"attention_dropout_rate={self.dropout_rate} needs the unfused attention; "
@@ -153,18 +156,24 @@ class Encoder1DBlock(nn.Module):
   scanned: bool = False  # under `nn.scan`: return (carry, per-step output)
   layer_norm_eps: float = 1e-6
   gelu_approximate: bool = True
+  layer_scale_init: Optional[float] = None  # LayerScale (CaiT, DeiT III): per-channel branch gains `ls1`, `ls2`
 
   @nn.compact
   def __call__(self, x, deterministic, drop_rate=None):  # positional: `nn.remat` marks it static by position
-    branch = lambda y: y if drop_rate is None else drop_path(self, y, drop_rate, deterministic)
+    def branch(y, name):
+      if self.layer_scale_init is not None:
+        gain = self.param(name, nn.initializers.constant(self.layer_scale_init), (y.shape[-1],))
+        y = y * gain.astype(y.dtype)
+      return y if drop_rate is None else drop_path(self, y, drop_rate, deterministic)
+
     y = _layer_norm("LayerNorm_0", self.layer_norm_eps)(x).astype(self.dtype)
     y = MultiHeadDotProductAttention(self.num_heads, self.attention_dropout_rate, self.dtype, self.fused_attention,
                                      name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
-    x = x + branch(nn.Dropout(self.dropout_rate)(y, deterministic=deterministic))
+    x = x + branch(nn.Dropout(self.dropout_rate)(y, deterministic=deterministic), "ls1")
     y = _layer_norm("LayerNorm_2", self.layer_norm_eps)(x).astype(self.dtype)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.gelu_approximate, name="MlpBlock_3")(
         y, deterministic=deterministic)
-    x = x + branch(y)
+    x = x + branch(y, "ls2")
     return (x, None) if self.scanned else x
 
 
@@ -187,24 +196,38 @@ class Encoder(nn.Module):
   stochastic_depth: float = 0.0
   layer_norm_eps: float = 1e-6
   gelu_approximate: bool = True
+  layer_scale_init: Optional[float] = None
+  final_norm: bool = True  # False when the model normalises after pooling instead (`fc_norm`)
+  no_embed_class: bool = False
 
   @nn.compact
-  def __call__(self, x, *, train, keep=None, num_prefix=0):
-    """`keep` [batch, k]: indices of the tokens after the first `num_prefix` (class token) that go on to the blocks
-    once position embeddings are added (MAE's visible patches); None keeps all."""
+  def __call__(self, x, *, train, keep=None, prefix=None):
+    """`x` [batch, patches, hidden]; `prefix` [batch, p, hidden]: the class and register tokens put in front, after
+    the position embeddings are added to the patches alone (`no_embed_class`, DeiT III and timm's register models)
+    or before, so that the embeddings cover them too (the zoo's). `keep` [batch, k]: indices of the patches that go
+    on to the blocks once position embeddings are added (MAE's visible patches); None keeps all."""
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"unknown remat policy {self.remat!r}; use one of {', '.join(REMAT_POLICIES)}")
     block = Encoder1DBlock
     if self.remat != "none":
       block = nn.remat(Encoder1DBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
-    x = AddPositionEmbs(name="posembed_input")(x.astype(jnp.float32))
+    x = x.astype(jnp.float32)
+    num_prefix = 0 if prefix is None else prefix.shape[1]
+    embed_position = AddPositionEmbs(name="posembed_input")
+    if self.no_embed_class:
+      x = embed_position(x)
+    if num_prefix:
+      x = jnp.concatenate([prefix.astype(jnp.float32), x], axis=1)
+    if not self.no_embed_class:
+      x = embed_position(x)
     if keep is not None:
       kept = jnp.take_along_axis(x[:, num_prefix:], keep[..., None], axis=1)
       x = jnp.concatenate([x[:, :num_prefix], kept], axis=1)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     block_args = (self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate, self.dtype,
                   self.fused_attention)
-    numerics = dict(layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate)
+    numerics = dict(layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
+                    layer_scale_init=self.layer_scale_init)
     # Per-layer drop-path rates, only when training with stochastic depth: otherwise the blocks are the zoo's.
     rates = drop_path_rates(self.stochastic_depth, self.num_layers) if train and self.stochastic_depth else None
     if self.scan_layers:
@@ -217,14 +240,45 @@ class Encoder(nn.Module):
       for layer in range(self.num_layers):
         extra = () if rates is None or not rates[layer] else (float(rates[layer]),)
         x = block(*block_args, **numerics, name=f"encoderblock_{layer}")(x, not train, *extra)
-    return _layer_norm("encoder_norm", self.layer_norm_eps)(x)
+    return _layer_norm("encoder_norm", self.layer_norm_eps)(x) if self.final_norm else x
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling (big_vision's MAPHead; timm's `attn_pool`): a learned probe attends to the tokens,
+  then a residual MLP on its LayerNorm. Parameter names are big_vision's (`probe`, `MultiHeadDotProductAttention_0`,
+  `LayerNorm_0`, `MlpBlock_0`)."""
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+  fused_attention: bool = False
+  layer_norm_eps: float = 1e-6
+  gelu_approximate: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    n, _, d = x.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d))
+    probe = jnp.broadcast_to(probe, (n, 1, d)).astype(self.dtype)
+    y = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype, fused=self.fused_attention,
+                                     name="MultiHeadDotProductAttention_0")(
+                                         probe, kv=x.astype(self.dtype), deterministic=True)
+    y = y.astype(jnp.float32)
+    z = _layer_norm("LayerNorm_0", self.layer_norm_eps)(y).astype(self.dtype)
+    y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, gelu_approximate=self.gelu_approximate, name="MlpBlock_0")(
+        z, deterministic=True)
+    return y[:, 0]
 
 
 class VisionTransformer(nn.Module):
   """ViT classifier; `num_classes=0` or None returns the pre-logit features instead of logits.
 
-  Classifiers: `token` (class token), `gap` (mean over patch tokens), `unpooled` (every patch token),
-  `token_unpooled` (class token prepended, every token returned).
+  Classifiers: `token` (class token), `gap` (mean over patch tokens), `map` (attention pooling, `MAPHead`),
+  `unpooled` (every patch token), `token_unpooled` (class token prepended, every token returned).
+
+  Options of later ViTs (off by default, the zoo's model): `num_registers` learned tokens after the class token
+  (Darcet et al. 2024; dropped from the output), `no_embed_class` (position embeddings on the patches only),
+  `layer_scale_init` (LayerScale gains `ls1`/`ls2` per block), `fc_norm` (the final LayerNorm after pooling, as
+  `fc_norm/`, instead of on every token).
   """
   num_classes: Optional[int]
   patches: Mapping[str, Any]
@@ -243,6 +297,10 @@ class VisionTransformer(nn.Module):
   # The zoo's numerics; Hugging Face transformers' ViT uses eps 1e-12 and the exact GELU (`models/hf.py`).
   layer_norm_eps: float = 1e-6
   gelu_approximate: bool = True
+  num_registers: int = 0
+  no_embed_class: bool = False
+  layer_scale_init: Optional[float] = None
+  fc_norm: bool = False
 
   @nn.compact
   def __call__(self, images, *, train=False, patch_transform=None, keep=None):
@@ -273,20 +331,34 @@ class VisionTransformer(nn.Module):
       x = jnp.reshape(x, (n, h * w, c))
       if patch_transform is not None:
         x = patch_transform(x)
-      num_prefix = 0
-      if self.classifier in geometry.TOKEN_CLASSIFIERS:
-        cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
-        num_prefix = 1
+      prefix = []
+      num_cls = int(self.classifier in geometry.TOKEN_CLASSIFIERS)
+      if num_cls:
+        prefix.append(self.param("cls", nn.initializers.zeros, (1, 1, c)))
+      if self.num_registers:
+        prefix.append(self.param("reg", nn.initializers.normal(stddev=1e-6), (1, self.num_registers, c)))
+      prefix = jnp.broadcast_to(jnp.concatenate(prefix, axis=1), (n, sum(p.shape[1] for p in prefix), c)) if (
+          prefix) else None
       x = Encoder(**self.transformer, dtype=dtype, fused_attention=self.fused_attention, remat=self.remat,
                   scan_layers=self.scan_layers, stochastic_depth=self.stochastic_depth,
-                  layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate, name="Transformer")(
-                      x, train=train, keep=keep, num_prefix=num_prefix)
+                  layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
+                  layer_scale_init=self.layer_scale_init, final_norm=not self.fc_norm,
+                  no_embed_class=self.no_embed_class, name="Transformer")(x, train=train, keep=keep, prefix=prefix)
+      if self.num_registers:  # registers only carry computation: the outputs are the class and patch tokens
+        x = jnp.concatenate([x[:, :num_cls], x[:, num_cls + self.num_registers:]], axis=1)
 
     if self.classifier == "token":
       x = x[:, 0]
     elif self.classifier == "gap":
       x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+    elif self.classifier == "map":
+      if self.transformer is None:
+        raise UserError("classifier='map' pools the tokens of a transformer; this model has none")
+      x = MAPHead(self.transformer["num_heads"], self.transformer["mlp_dim"], dtype=dtype,
+                  fused_attention=self.fused_attention, layer_norm_eps=self.layer_norm_eps,
+                  gelu_approximate=self.gelu_approximate, name="MAPHead_0")(x)
+    if self.fc_norm:
+      x = _layer_norm("fc_norm", self.layer_norm_eps)(x)
 
     if self.representation_size is not None:
       x = nn.Dense(self.representation_size, dtype=dtype, dot_general=precision.dot_general, name="pre_logits")(x)

@@ -1,13 +1,10 @@
-"""Model-zoo `.npz` checkpoints: load, save, adapt for fine-tuning, resample position embeddings.
+"""Model-zoo `.npz` checkpoints: load, save, adapt for fine-tuning, resample position embeddings and patch filters.
 
-The zoo stores one array per parameter under its '/'-joined path. Files come in two naming generations: the
-original pre-Linen names (`MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3` inside each encoder block),
-which our modules use, and Linen-era names (`MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`), which
-`load` renames. Linen-era files also store GroupNorm scale/bias as (1, 1, 1, C); `load` squeezes them.
+The zoo stores one array per parameter under its '/'-joined path, the paths of our modules. `load` reads every
+layout `layouts.read` knows (the zoo's Linen-era names, big_vision, transformers, timm, `hf://` names) into these
+paths; `save` writes the zoo's.
 """
 import io
-import re
-import zipfile
 
 from absl import logging
 from etils import epath
@@ -17,19 +14,10 @@ import numpy as np
 import scipy.ndimage
 
 from vit_jax.errors import UserError
-from vit_jax.models import bit, geometry, hf, registry, vit
+from vit_jax.models import bit, geometry, layouts, registry, vit
 
-ZOO_URL = "https://storage.googleapis.com/vit_models/"
-
-# Linen-era name -> pre-Linen (zoo) name, inside `Transformer/encoderblock_{i}/`.
-_LINEN_TO_ZOO_BLOCK_NAMES = {
-    "LayerNorm_0": "LayerNorm_0",
-    "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
-    "LayerNorm_1": "LayerNorm_2",
-    "MlpBlock_0": "MlpBlock_3",
-}
-_GROUPNORM_PARAM = re.compile(r"(^|/)gn(\d+|_root|_proj)/(scale|bias)$")
-ENCODER_BLOCK = re.compile(r"^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$")
+ZOO_URL = layouts.ZOO_URL
+ENCODER_BLOCK = layouts.ENCODER_BLOCK
 POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
 EMBEDDING_KEY = "embedding/kernel"  # a plain ViT's patch filters (patch_h, patch_w, 3, hidden)
 _RESIZE_METHODS = ("linear", "bicubic")
@@ -43,55 +31,10 @@ def _unflatten(flat):
   return flax.traverse_util.unflatten_dict({tuple(key.split("/")): value for key, value in flat.items()})
 
 
-def _to_zoo_names(flat):
-  """Renames Linen-era encoder-block submodules and squeezes (1, 1, 1, C) GroupNorm parameters."""
-  blocks_in_linen_naming = {m.group(1) for key in flat if (m := ENCODER_BLOCK.match(key))
-                            and m.group(2) in ("MultiHeadDotProductAttention_0", "MlpBlock_0")}
-  renamed = {}
-  for key, value in flat.items():
-    m = ENCODER_BLOCK.match(key)
-    if m and m.group(1) in blocks_in_linen_naming:
-      key = m.group(1) + "/" + _LINEN_TO_ZOO_BLOCK_NAMES.get(m.group(2), m.group(2)) + m.group(3)
-    if _GROUPNORM_PARAM.search(key) and value.ndim == 4:
-      value = value.reshape(value.shape[-1])
-    renamed[key] = value
-  return renamed
-
-
-def _read_npz(path):
-  """{key: array} of an `.npz` file, or a UserError saying what is wrong with the file."""
-  path = epath.Path(path)
-  if not str(path).endswith(".npz"):
-    raise UserError(f"checkpoint {path} is not an .npz file; pass a model-zoo .npz such as "
-                    f"{ZOO_URL}imagenet21k/ViT-B_16.npz (or the model.npz of a finished run)")
-  try:
-    data = path.read_bytes()
-  except FileNotFoundError:
-    raise UserError(f"checkpoint {path} does not exist; download a zoo file, e.g. "
-                    f"`wget {ZOO_URL}imagenet21k/ViT-B_16.npz`, and pass its path") from None
-  except OSError as e:
-    raise UserError(f"cannot read checkpoint {path}: {e}; check the path and its permissions") from None
-  except ImportError as e:  # etils needs a filesystem package for gs:// and other remote URLs
-    raise UserError(f"cannot read {path}: {e} (pip install 'vit_jax[gcs]'), or download the file and pass "
-                    "its local path") from None
-  try:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-      return {key: npz[key] for key in npz.files}
-  except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as e:
-    raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e}); "
-                    "download it again") from None
-
-
 def load(path):
-  """Nested dict of numpy arrays from a zoo `.npz` (local path or any etils-epath URL such as gs://), or from a
-  Hugging Face transformers ViT directory (`config.json` + `model.safetensors`, told by its content)."""
-  if hf.is_hf_dir(path):
-    flat, _, _ = hf.read(path)
-    return _unflatten(flat)
-  flat = _to_zoo_names(_read_npz(path))
-  if not flat:
-    raise UserError(f"checkpoint {path} holds no arrays; download it again")
-  return _unflatten(flat)
+  """Nested dict of numpy arrays in the zoo's paths from a checkpoint of any layout (`layouts.read`: a zoo or
+  big_vision `.npz`, local or gs://, a transformers or timm directory, a timm `.safetensors`, an `hf://` name)."""
+  return _unflatten(layouts.read(path).flat)
 
 
 def non_finite(params):
@@ -162,7 +105,8 @@ def interpolate_posembed(posemb, num_tokens, has_class_token, *, grid_shape=None
                          method="linear"):
   """Resamples position embeddings (1, tokens, D) to `num_tokens` tokens (class token included if present).
 
-  The class token's embedding is kept as is; the grid is resized in 2-D. Grids are square unless given:
+  `has_class_token` may also be a count: the embeddings in front of the grid (class and register tokens). They
+  are kept as is; the grid is resized in 2-D. Grids are square unless given:
   `grid_shape` is the target (rows, cols), e.g. (24, 32) for a 384x512 image with patch 16, and
   `source_grid_shape` the stored one.
   """
@@ -178,7 +122,7 @@ def interpolate_posembed(posemb, num_tokens, has_class_token, *, grid_shape=None
   if tuple(source_grid_shape)[0] * tuple(source_grid_shape)[1] != len(grid):
     raise UserError(f"source grid {tuple(source_grid_shape)} does not hold the {len(grid)} stored grid tokens")
   if grid_shape[0] * grid_shape[1] + num_extra != num_tokens:
-    raise UserError(f"target grid {tuple(grid_shape)} plus {num_extra} class token does not make "
+    raise UserError(f"target grid {tuple(grid_shape)} plus {num_extra} class/register token(s) does not make "
                     f"{num_tokens} tokens")
   grid = resize_grid(grid.reshape(*source_grid_shape, -1), grid_shape, method)
   return np.concatenate([extra, grid.reshape(1, grid_shape[0] * grid_shape[1], -1)], axis=1)
@@ -217,6 +161,72 @@ def check_same_family(flat, model_config, path):
                     f"x{model_config.width_factor} file")
 
 
+def _is_square(n):
+  return n >= 0 and int(round(np.sqrt(n))) ** 2 == n
+
+
+def vit_structure(shapes):
+  """The ViT options a checkpoint's flat {key: shape} shows: `num_registers`, `no_embed_class` (position embeddings
+  for a square grid alone although class or register tokens exist), `layer_scale` (`ls1`/`ls2` gains), `fc_norm`
+  and `map` (a `MAPHead_0`)."""
+  num_registers = int(shapes["reg"][1]) if "reg" in shapes else 0
+  prefix = int("cls" in shapes) + num_registers
+  tokens = shapes[POSEMB_KEY][1] if POSEMB_KEY in shapes else None
+  return {
+      "num_registers": num_registers,
+      "no_embed_class": bool(prefix and tokens is not None and _is_square(tokens) and not _is_square(tokens - prefix)),
+      "layer_scale": any(key.endswith(("/ls1", "/ls2")) for key in shapes),
+      "fc_norm": "fc_norm/scale" in shapes,
+      "map": "MAPHead_0/probe" in shapes,
+  }
+
+
+def model_structure(model_config):
+  """`vit_structure`'s options of a model config."""
+  return {
+      "num_registers": int(model_config.get("num_registers", 0) or 0),
+      "no_embed_class": bool(model_config.get("no_embed_class", False)),
+      "layer_scale": model_config.get("layer_scale_init") is not None,
+      "fc_norm": bool(model_config.get("fc_norm", False)),
+      "map": model_config.get("classifier") == "map",
+  }
+
+
+# The model field and value that give each option of `vit_structure` the file's value.
+_STRUCTURE_FIELDS = {
+    "num_registers": lambda v: ("num_registers", v),
+    "no_embed_class": lambda v: ("no_embed_class", v),
+    "layer_scale": lambda v: ("layer_scale_init", 1e-6 if v else None),
+    "fc_norm": lambda v: ("fc_norm", v),
+    "map": lambda v: ("classifier", "map" if v else "token"),
+}
+
+
+def check_structure(flat, model_config, path):
+  """UserError naming the first ViT option (`vit_structure`) where a checkpoint and the model differ, and the
+  override that makes the model the file's."""
+  shapes = {key: _shape(value) for key, value in flat.items()}
+  if checkpoint_family(shapes) != "vit" or "embedding/kernel" not in shapes:
+    return
+  got, want = vit_structure(shapes), model_structure(model_config)
+  for option, value in got.items():
+    if value != want[option]:
+      field, fix = _STRUCTURE_FIELDS[option](value)
+      raise UserError(f"checkpoint {path} has {option}={value} but model {model_config.get('model_name')} has "
+                      f"{want[option]}; use a registry model with it or set the model field in a config file: "
+                      f"config.model.update({field}={fix!r})")
+
+
+def warn_numerics(fields, model_config, path):
+  """Logs the GELU form or LayerNorm eps a checkpoint computed with when the model's differ (fine-tuning works
+  either way; the source's logits need the file's)."""
+  for field, default in (("gelu_approximate", True), ("layer_norm_eps", 1e-6)):
+    if field in fields and fields[field] != model_config.get(field, default):
+      logging.warning("%s was trained with %s=%s but the model has %s; set the model field %s=%s (config.model.update) to "
+                      "compute as its source does", path, field, fields[field], model_config.get(field, default), field,
+                      fields[field])
+
+
 def is_head(key):
   """The classifier's parameters, which fine-tuning re-initialises: ViT's and the CNN's `head/`, BiT's
   `resnet/head/`."""
@@ -237,7 +247,11 @@ def load_pretrained(*, pretrained_path, init_params, model_config, image_size=No
   which is then read from the file too. A file of another model family, or a BiT file of another width, is a
   UserError naming both.
   """
-  restored = load(pretrained_path)
+  num_heads = (model_config.get("transformer") or {}).get("num_heads")
+  checkpoint = layouts.read(pretrained_path, num_heads=num_heads)
+  check_structure(checkpoint.flat, model_config, pretrained_path)
+  warn_numerics(checkpoint.fields, model_config, pretrained_path)
+  restored = _unflatten(checkpoint.flat)
   # Refused here, not in `load`: inspecting a broken file must still work, starting from one must not.
   check_finite(restored, f"pretrained checkpoint {pretrained_path}",
                "the file is corrupt or from a run that diverged; download it again or start from another checkpoint")
@@ -299,13 +313,13 @@ def resample_posemb(posemb, model_config, image_size=None, *, num_tokens=None, m
   (height, width)), or without it a square grid of `num_tokens` tokens. The one resampler of the package: fine-tuning
   from the zoo, progressive resizing and the tools all call it. Unchanged when the length already fits."""
   grid_shape = None
+  prefix = geometry.posemb_prefix_tokens(model_config)
   if image_size is not None:
     grid_shape = geometry.grid_shape(model_config, image_size)
-    num_tokens = grid_shape[0] * grid_shape[1] + int(geometry.has_class_token(model_config))
+    num_tokens = grid_shape[0] * grid_shape[1] + prefix
   if posemb.shape[1] == num_tokens:
     return posemb
-  return interpolate_posembed(posemb, num_tokens, geometry.has_class_token(model_config), grid_shape=grid_shape,
-                              method=method)
+  return interpolate_posembed(posemb, num_tokens, prefix, grid_shape=grid_shape, method=method)
 
 
 def bilinear_resize_matrix(old_size, new_size):

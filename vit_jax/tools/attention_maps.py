@@ -58,13 +58,14 @@ def rollout_map(joint, model_config, image_size):
   `token` models: the class token's row; `gap` models: the mean of the patch tokens' rows (what gap pools).
   """
   classifier = model_config.get("classifier", "token")
-  if classifier in ("unpooled",):
-    raise UserError("attention rollout shows what the pooled output attends to; an `unpooled` model has no pooled "
-                    "output (use a token or gap model)")
+  if classifier in ("unpooled", "map"):
+    raise UserError(f"attention rollout shows what the pooled output attends to through the encoder; a "
+                    f"`{classifier}` model pools elsewhere or not at all (use a token or gap model)")
+  prefix = geometry.num_prefix_tokens(model_config)  # class token and registers: no place in the grid
   if geometry.has_class_token(model_config):
-    flow = joint[:, 0, 1:]
+    flow = joint[:, 0, prefix:]
   else:
-    flow = joint.mean(axis=1)
+    flow = joint[:, prefix:, prefix:].mean(axis=1)
   flow = flow / flow.max(axis=-1, keepdims=True)
   return flow.reshape(len(flow), *geometry.grid_shape(model_config, image_size))
 

@@ -1,7 +1,12 @@
-"""Inspect a checkpoint: its parameter table, total count, which registry model it is, and any NaN or infinity.
+"""Inspect a checkpoint: its layout, parameter table, total count, which registry model it is, and any NaN or
+infinity.
 
   python -m vit_jax.tools.inspect FILE.npz
   python -m vit_jax.tools.inspect --checkpoint=runs/quickstart        # a training workdir: its model.npz
+  python -m vit_jax.tools.inspect model.safetensors                   # any layout: timm, transformers, big_vision
+
+The layout (zoo, big_vision, transformers, timm) is told by the file's content; a ViT's options (registers,
+LayerScale, MAP head, ...) and the numerics the file says it computes with are printed.
 
 Any model family: a ViT (position-embedding tokens), a BiT ResNet-v2 (units per stage, width factor) or the course
 CNN (its widths, and its BatchNorm statistics counted apart from the parameters). A file holding NaN or infinity
@@ -9,12 +14,13 @@ is shown (with the first such tensors) rather than refused: the other tools and 
 """
 from absl import flags
 from clu import parameter_overview
+import flax
 import jax
 import numpy as np
 
 from vit_jax import models, workdir
 from vit_jax.errors import UserError
-from vit_jax.models import geometry, zoo
+from vit_jax.models import geometry, layouts, zoo
 from vit_jax.models import state as model_state_lib
 from vit_jax.tools import cli, trained_model
 
@@ -86,6 +92,9 @@ def match_registry(flat_shapes):
   candidates = [name for name in _vit_names() if hidden is None or _width_and_depth(name) == (hidden, depth)]
   if not candidates:
     return None, f"no registry model has hidden size {hidden} and {depth} encoder blocks"
+  structure = zoo.vit_structure(flat_shapes)
+  candidates = [name for name in candidates if zoo.model_structure(models.get_model_config(name)) == structure] or (
+      candidates)
   best = None
   for name in candidates:
     want_shapes = _shapes_of(name, num_classes, representation)
@@ -103,7 +112,8 @@ def inspect(path):
   """Prints the parameter table, the total count, the registry model the file matches, and its non-finite
   tensors; `path` is a zoo `.npz` or a training workdir."""
   npz, run_config = trained_model.resolve(path)
-  tree = zoo.load(npz)
+  checkpoint = layouts.read(npz)
+  tree = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in checkpoint.flat.items()})
   params, model_state = model_state_lib.split(tree)
   flat = zoo.flatten(params)
   shapes = {key: tuple(v.shape) for key, v in flat.items()}
@@ -115,8 +125,15 @@ def inspect(path):
     count = sum(int(np.prod(v.shape)) for v in zoo.flatten(values).values())
     print(f"model state: {collection}/ {count:,} values (BatchNorm running statistics, not parameters)")
   family = zoo.checkpoint_family(shapes)
+  print(f"layout: {checkpoint.layout}" + (f" ({checkpoint.path})" if checkpoint.path != str(npz) else ""))
   print(f"family: {family} ({models.FAMILIES[family][1]})")
   if family == "vit":
+    options = [f"{k}={v}" for k, v in zoo.vit_structure(shapes).items() if v]
+    if options:
+      print(f"options: {', '.join(options)}")
+    numerics = [f"{k}={v}" for k, v in checkpoint.fields.items() if k in ("gelu_approximate", "layer_norm_eps")]
+    if numerics:
+      print(f"computes with: {', '.join(numerics)} (set these model fields to reproduce its logits)")
     name, reason = match_registry(shapes)
   else:
     name, reason, config = match_convolutional(shapes, family)

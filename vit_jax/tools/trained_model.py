@@ -37,7 +37,7 @@ import numpy as np
 
 from vit_jax import models, workdir
 from vit_jax.errors import UserError
-from vit_jax.models import bit, geometry, zoo
+from vit_jax.models import bit, geometry, hf, hub, layouts, timm_layout, zoo
 from vit_jax.models import state as model_state_lib
 
 _QUERY_KERNEL = re.compile(r"^Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_1/query/kernel$")
@@ -112,9 +112,16 @@ def config_from_shapes(shapes):
       if m := _RESNET_UNIT.match(key):
         units[int(m.group(1))] = max(units.get(int(m.group(1)), 0), int(m.group(2)))
     resnet = {"num_layers": tuple(units[s] for s in sorted(units)), "width_factor": shapes["conv_root/kernel"][-1] / 64}
+  structure = zoo.vit_structure(shapes)
+  classifier = "map" if structure["map"] else "token" if "cls" in shapes else "gap"
   config = dict(model_name=None, patches={"size": (ph, pw)}, hidden_size=hidden, transformer=transformer,
-                classifier="token" if "cls" in shapes else "gap",
+                classifier=classifier,
                 representation_size=shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in shapes else None)
+  # The later ViTs' options only when the file has them, so a zoo file's config stays the zoo model's. LayerScale's
+  # init value does not matter for a loaded model: DeiT III's 1e-6.
+  config.update({k: structure[k] for k in ("num_registers", "no_embed_class", "fc_norm") if structure[k]})
+  if structure["layer_scale"]:
+    config["layer_scale_init"] = 1e-6
   if resnet is not None:
     config["resnet"] = resnet
   return ml_collections.ConfigDict(config)  # the type `models.get_model_config` returns
@@ -265,7 +272,7 @@ def check_params_match(params, model, image_size, what, model_state=None):
 def posemb_image_size(params, model_config):
   """The (square) image size the checkpoint's position embeddings were trained at."""
   tokens = flat_shapes(params)[zoo.POSEMB_KEY][1]
-  grid = tokens - int(geometry.has_class_token(model_config))
+  grid = tokens - geometry.posemb_prefix_tokens(model_config)
   side = int(round(np.sqrt(grid)))
   if side * side != grid:
     raise UserError(f"checkpoint's position embedding has {grid} grid tokens, not a square grid; "
@@ -315,6 +322,8 @@ def read_labels_file(path, num_classes):
 
 def resolve(checkpoint_path):
   """(the .npz file, the run's config or None) of a workdir (config.json + model.npz) or a zoo `.npz`."""
+  if hub.is_hub_name(checkpoint_path) or hf.is_hf_dir(checkpoint_path) or timm_layout.is_timm_dir(checkpoint_path):
+    return checkpoint_path, None
   if os.path.isdir(checkpoint_path):
     # The tool genuinely reads a run's config.json here; attribute access keeps the callers short.
     run_config = ml_collections.ConfigDict(workdir.read_config(checkpoint_path))
@@ -323,20 +332,22 @@ def resolve(checkpoint_path):
       raise UserError(f"workdir {checkpoint_path} has no {workdir.MODEL_FILE} yet (training writes it on "
                       "completion); wait for the run to finish or pass a .npz file")
     return npz, run_config
-  if os.path.exists(checkpoint_path) or checkpoint_path.endswith(".npz"):
+  if os.path.exists(checkpoint_path) or checkpoint_path.endswith((".npz", ".safetensors")):
     return checkpoint_path, None
-  raise UserError(f"checkpoint {checkpoint_path} does not exist; pass a training workdir or a .npz file")
+  raise UserError(f"checkpoint {checkpoint_path} does not exist; pass a training workdir, a .npz or .safetensors "
+                  "file, a transformers or timm directory, or an hf://ORG/REPO name")
 
 
-def _read_checkpoint(checkpoint_path):
-  """(params, model state, the run's config or None) of a workdir or a zoo `.npz`; values holding NaN or infinity
-  are a UserError (their outputs would be too)."""
-  npz, run_config = resolve(checkpoint_path)
-  tree = zoo.load(npz)
+def _read_checkpoint(checkpoint_path, num_heads=None):
+  """(params, model state, the run's config or None, `layouts.Checkpoint`) of a workdir or a checkpoint of any
+  layout; values holding NaN or infinity are a UserError (their outputs would be too)."""
+  file_path, run_config = resolve(checkpoint_path)
+  checkpoint = layouts.read(file_path, num_heads=num_heads)
+  tree = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in checkpoint.flat.items()})
   zoo.check_finite(tree, f"checkpoint {checkpoint_path}", "it is corrupt or from a run that diverged; use "
                    "another checkpoint, or retrain (e.g. with a lower --config.base_lr)")
   params, model_state = model_state_lib.split(tree)
-  return params, model_state, run_config
+  return params, model_state, run_config, checkpoint
 
 
 def config_of_file(shapes, family):
@@ -425,10 +436,18 @@ def _test_pp(image_size, run_config):
 
 def load(checkpoint_path, *, model_name=None, image_size=None, labels_path=None, with_class_names=True):
   """A `TrainedModel` from a workdir (config.json + model.npz) or a zoo `.npz` file."""
-  params, model_state, run_config = _read_checkpoint(checkpoint_path)
+  named_heads = models.get_model_config(model_name).get("transformer", {}).get("num_heads") if model_name else None
+  params, model_state, run_config, checkpoint = _read_checkpoint(checkpoint_path, named_heads)
   shapes = flat_shapes(params)
   file_family = zoo.checkpoint_family(shapes)
   model_config, what = _model_config(shapes, file_family, run_config, model_name, checkpoint_path)
+  if run_config is None and file_family == "vit":
+    if model_name:
+      zoo.check_structure(checkpoint.flat, model_config, checkpoint_path)
+      zoo.warn_numerics(checkpoint.fields, model_config, checkpoint_path)
+    else:  # what the file says it computes with (transformers' and timm's GELU and eps)
+      model_config.update({k: v for k, v in checkpoint.fields.items() if k in ("gelu_approximate", "layer_norm_eps",
+                                                                                "no_embed_class")})
   num_classes = num_classes_of(shapes, file_family)
   model = models.build(model_config, num_classes=num_classes)
 

@@ -168,7 +168,7 @@ def plot_posemb(trained, output):
   require_vision_transformer(config, "posemb")
   attention_maps.require_attention(config, "position-embedding similarity")
   grid = geometry.grid_shape(config, trained.image_size)
-  prefix = int(geometry.has_class_token(config))
+  prefix = geometry.posemb_prefix_tokens(config)
   similarity = posemb_similarity(trained.params["Transformer"]["posembed_input"]["pos_embedding"], grid, prefix)
   gh, gw = grid
   # One mosaic with 1-pixel gaps: readable up to large grids, unlike gh * gw separate axes.
@@ -228,7 +228,7 @@ def plot_distance(trained, images, output):
   weights = attention_maps.attention_weights(trained.model, trained.params, images)
   grid = geometry.grid_shape(config, trained.image_size)
   stride = geometry.stride(config)
-  prefix = int(geometry.has_class_token(config))
+  prefix = geometry.num_prefix_tokens(config)
   distances = np.stack([attention_maps.mean_attention_distance(w, grid, stride, prefix) for w in weights])
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4.5))

@@ -310,3 +310,40 @@ def test_timms_big_vision_loader_agrees_with_ours(tmp_path, variant, stacked):
   error = _relative_error(logits, timm_logits)
   print(f"{variant} stacked={stacked}: relative error vs timm's big_vision loader {error:.1e}")
   assert error < 1e-4
+
+
+TIMM_HUB_SCRIPT = r"""
+import sys
+import numpy as np, timm, torch
+from timm.models._hub import save_for_hf
+arch, directory, images_path, out_path = sys.argv[1:5]
+torch.manual_seed(0)
+model = timm.create_model(arch, pretrained=False, num_classes=5, img_size=32, depth=2, embed_dim=96).eval()
+with torch.no_grad():
+  for p in model.parameters():  # off the init (LayerScale's 1e-6, zero heads): every tensor matters
+    p.copy_(torch.randn_like(p) * 0.2)
+save_for_hf(model, directory, safe_serialization="both")  # model.safetensors, pytorch_model.bin and config.json
+with torch.no_grad():
+  np.save(out_path, model(torch.from_numpy(np.load(images_path)).permute(0, 3, 1, 2)).numpy())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _peer_available(), reason="needs a .peer venv with torch and timm, and VIT_JAX_PEER_DIR")
+@pytest.mark.parametrize("arch", ["vit_base_patch16_224", "deit3_small_patch16_224", "vit_base_patch16_reg4_gap_256",
+                                  "vit_base_patch16_siglip_224", "vit_base_patch32_siglip_256"])
+def test_hub_directories_timm_writes_load_by_content_and_agree(tmp_path, arch):
+  """timm's own `save_for_hf` directory (2 layers, width 96, 32 px): read by its config.json's architecture (heads,
+  GELU form) and its shapes (options); the logits equal timm's."""
+  from vit_jax.tools import trained_model  # pylint: disable=import-outside-toplevel
+  images = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  np.save(tmp_path / "images.npy", images)
+  directory = str(tmp_path / "hub")
+  timm_logits = _run_peer(tmp_path, TIMM_HUB_SCRIPT, arch, directory, str(tmp_path / "images.npy"),
+                          str(tmp_path / "peer.npy"))
+  trained = trained_model.load(directory, image_size=32)
+  logits = np.asarray(trained.model.apply({"params": trained.params}, images))
+  error = _relative_error(logits, timm_logits)
+  print(f"{arch}: relative error vs timm {error:.1e} ({trained.model_config.classifier}, "
+        f"{zoo.vit_structure(trained_model.flat_shapes(trained.params))})")
+  assert error < 1e-4

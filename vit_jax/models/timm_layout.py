@@ -10,8 +10,8 @@ Options timm has and our ViT does not (qk-norm, a pre-norm, a distillation token
 refused by name. BiT: `stem.conv`, `stages.{s}.blocks.{u}.{norm1,conv1,norm2,conv2,norm3,conv3,downsample.conv}`,
 `norm`, `head.fc` (a 1x1 convolution), the mapping of timm's own big_transfer loader.
 
-A timm file's numerics are not in its tensors: timm's ViT defaults to the exact GELU (its SigLIP models: the tanh
-form) and LayerNorm eps 1e-6; `model_fields` says which, from the file's metadata or the hub's `config.json`.
+A timm file's numerics are not in its tensors: timm's ViT defaults to the exact GELU (a few of its SigLIP models: the
+tanh form) and LayerNorm eps 1e-6; `read` says which, from the file's metadata or the hub's `config.json`.
 """
 import json
 import os
@@ -314,6 +314,12 @@ def timm_kwargs(model_config, num_classes, image_size):
 
 WEIGHTS_FILE = "model.safetensors"
 HUB_CONFIG_FILE = "config.json"  # timm's hub config: `architecture`, `num_classes`, `pretrained_cfg`
+# timm's ViT architectures built with the tanh GELU (timm 1.0.31's `act_layer='gelu_tanh'`): some of its SigLIP
+# towers; the others, like every other ViT there, use the exact GELU.
+TANH_GELU_ARCHITECTURES = frozenset(
+    f"vit_{size}_siglip{pool}_{res}" for pool in ("", "_gap") for size, res in (
+        ("base_patch32", 256), ("large_patch16", 512), ("so400m_patch16", 256), ("so400m_patch16", 384),
+        ("so400m_patch16", 512), ("giantopt_patch16", 256), ("giantopt_patch16", 384)))
 # Attention heads of timm's ViT size names (its hub config.json does not record them).
 _HEADS_OF_SIZE = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16, "giant": 16,
                   "gigantic": 16, "so150m": 16, "so400m": 16}
@@ -367,8 +373,9 @@ def read(path, num_heads=None):
   """(flat zoo params, model fields, image size or None) of a timm `.safetensors` file or hub directory
   (`model.safetensors` + `config.json`). BiT files (`resnetv2_*_bit`) give fields {'family': 'bit'}.
 
-  The fields are those the tensors do not show: the GELU form (`gelu_approximate`: from our export's metadata, else
-  tanh only for timm's SigLIP architectures, timm's default being the exact GELU) and the LayerNorm eps (1e-6).
+  The fields are those the tensors do not show: the GELU form (`gelu_approximate`: from our export's metadata, the
+  hub config's `model_args`, else tanh only for `TANH_GELU_ARCHITECTURES`, timm's default being the exact GELU)
+  and the LayerNorm eps (1e-6).
   `num_heads` (needed to split the fused attention) comes from our export's metadata, the hub architecture's size
   name, or the caller."""
   directory = path if os.path.isdir(path) else os.path.dirname(path)
@@ -379,7 +386,8 @@ def read(path, num_heads=None):
     return timm_to_bit(state), {"family": "bit"}, None
   ours = json.loads(metadata[CONFIG_METADATA]) if CONFIG_METADATA in metadata else {}
   architecture = hub_config.get("architecture") or metadata.get(TIMM_MODEL_METADATA)
-  kwargs = json.loads(metadata[TIMM_METADATA]) if TIMM_METADATA in metadata else {}
+  kwargs = json.loads(metadata[TIMM_METADATA]) if TIMM_METADATA in metadata else dict(
+      hub_config.get("model_args") or {})
   hidden = state["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in state else None
   num_heads = num_heads or (ours.get("transformer") or {}).get("num_heads") or kwargs.get("num_heads") or (
       _heads_of(architecture, hidden))
@@ -397,7 +405,7 @@ def read(path, num_heads=None):
   elif ours:  # our exports before the field: the zoo's tanh GELU
     gelu_approximate = True
   else:
-    gelu_approximate = "siglip" in (architecture or "")
+    gelu_approximate = architecture in TANH_GELU_ARCHITECTURES
   fields = {"gelu_approximate": bool(gelu_approximate), "layer_norm_eps": float(ours.get("layer_norm_eps", 1e-6))}
   if "transformer" in ours or flat.get("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel") \
       is not None:

@@ -174,7 +174,8 @@ def vit_structure(shapes):
   tokens = shapes[POSEMB_KEY][1] if POSEMB_KEY in shapes else None
   return {
       "num_registers": num_registers,
-      "no_embed_class": bool(prefix and tokens is not None and _is_square(tokens) and not _is_square(tokens - prefix)),
+      "no_embed_class": bool(prefix and tokens is not None and _is_square(tokens)
+                             and not (tokens > prefix and _is_square(tokens - prefix))),
       "layer_scale": any(key.endswith(("/ls1", "/ls2")) for key in shapes),
       "fc_norm": "fc_norm/scale" in shapes,
       "map": "MAPHead_0/probe" in shapes,

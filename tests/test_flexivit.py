@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint, models
+from vit_jax.errors import UserError
 from vit_jax.models import zoo
 
 
@@ -74,3 +75,16 @@ def test_a_checkpoint_loads_at_another_patch_size(tmp_path):
   big = jax.image.resize(patches, (3, 4, 4, 8, 8, 3), "bilinear").transpose(0, 1, 3, 2, 4, 5).reshape(3, 32, 32, 3)
   np.testing.assert_allclose(target.apply({"params": loaded}, big), source.apply({"params": params}, images),
                              rtol=1e-4, atol=1e-4)
+
+
+def test_a_patch_size_that_does_not_divide_the_image_is_refused(tmp_path):
+  small = dict(hidden_size=16, transformer={"num_layers": 1, "mlp_dim": 32, "num_heads": 2, "dropout_rate": 0.0})
+  source = models.get_model("testing", num_classes=0, patches={"size": (4, 4)}, **small)
+  path = os.path.join(tmp_path, "patch4.npz")
+  checkpoint.save(jax.device_get(source.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"]), path)
+  config = models.get_model_config("testing", patches={"size": (6, 6)}, **small)
+  target = models.get_model("testing", num_classes=0, patches={"size": (6, 6)}, **small)
+  init = jax.eval_shape(lambda: target.init(jax.random.PRNGKey(0), jnp.zeros((1, 24, 24, 3))))["params"]
+  with pytest.raises(UserError, match=r"patch size 6x6 \(resized from 4x4 of .*patch4.npz\) does not divide the "
+                                      r"image size 32x32; use a patch size that divides it, e.g. 4"):
+    checkpoint.load_pretrained(pretrained_path=path, init_params=init, model_config=config, image_size=32)

@@ -347,3 +347,47 @@ def test_hub_directories_timm_writes_load_by_content_and_agree(tmp_path, arch):
   print(f"{arch}: relative error vs timm {error:.1e} ({trained.model_config.classifier}, "
         f"{zoo.vit_structure(trained_model.flat_shapes(trained.params))})")
   assert error < 1e-4
+
+
+@pytest.mark.slow
+def test_infer_inspect_and_convert_take_hub_names_offline(tmp_path):
+  """`hf://` names from a hub cache (offline, as on a cluster node without internet): a transformers ViT repo and
+  a timm repo, through infer, inspect and convert; a name not in the cache is one error line."""
+  from tests.test_infer import error_line  # pylint: disable=import-outside-toplevel
+  from vit_jax.models import hf  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  cache = tmp_path / "hf" / "hub"
+  model, params, images, logits = make("siglip")
+  plain = models.get_model_config("testing", **TINY, gelu_approximate=False, layer_norm_eps=1e-12)
+  plain_model = models.build(plain, num_classes=5)
+  plain_params = random_params(plain_model, SIZE, seed=2)
+  for repo, write in (("google/tiny-vit", lambda d: hf.write(zoo.flatten(plain_params), plain, d, num_labels=5,
+                                                              image_size=SIZE)),
+                      ("timm/tiny_siglip", lambda d: st_numpy.save_file(
+                          timm_layout.zoo_to_timm(zoo.flatten(params)), os.path.join(d, "model.safetensors")))):
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("c" * 40)
+    write(str(snapshot))
+  (cache / "models--timm--tiny_siglip" / "snapshots" / ("c" * 40) / "config.json").write_text(json.dumps(
+      {"architecture": "vit_small_patch4_siglip", "num_classes": 5}))  # small: 6 heads, so --num_heads=4 below
+  image = tmp_path / "image.png"
+  Image.fromarray(((images[0] + 1) * 127.5).round().astype(np.uint8)).save(image)
+  env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+         "JAX_PLATFORMS": "cpu"}
+  run = lambda *args: subprocess.run([os.sys.executable, "-m", *args], capture_output=True, text=True, env=env,
+                                     timeout=300)
+  result = run("vit_jax.tools.infer", "--checkpoint=hf://google/tiny-vit", "--top_k=1", str(image))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith(str(image) + ": ")
+  result = run("vit_jax.tools.inspect", "hf://google/tiny-vit")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "layout: transformers (" in result.stdout, result.stdout[-800:]
+  assert "computes with: gelu_approximate=False, layer_norm_eps=1e-12" in result.stdout, result.stdout[-800:]
+  out = tmp_path / "siglip.npz"
+  result = run("vit_jax.tools.convert", "--input=hf://timm/tiny_siglip", f"--output={out}", "--num_heads=4")
+  assert result.returncode == 0, result.stderr[-2000:]
+  jax.tree.map(np.testing.assert_array_equal, checkpoint.load(str(out)), jax.device_get(params))
+  line = error_line(run("vit_jax.tools.infer", "--checkpoint=hf://google/not-cached", str(image)))
+  assert "google/not-cached" in line and str(cache) in line and "hf download google/not-cached" in line

@@ -128,6 +128,7 @@ def resolve(name, cache_dir=None):
     raise _pickle_error(name, [filename], single=True)
   try:
     import huggingface_hub as hub  # pylint: disable=import-outside-toplevel  # only `hf://` names need it
+    import huggingface_hub.constants  # pylint: disable=import-outside-toplevel,unused-import  # lazy submodules
     import huggingface_hub.errors  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError as e:
     raise UserError(f"{name}: hub names need huggingface_hub ({e}); pip install huggingface_hub") from e

@@ -282,6 +282,12 @@ def load_pretrained(*, pretrained_path, init_params, model_config, image_size=No
     value = restored.pop(key)
     if key == EMBEDDING_KEY and _shape(value)[2:] == _shape(init_value)[2:] and model_config.get("resnet") is None:
       if _shape(value) != _shape(init_value):  # another patch size: FlexiViT's PI-resize of the pixel filters
+        patch = _shape(init_value)[:2]
+        height, width = geometry.image_hw(image_size) if image_size is not None else patch
+        if height % patch[0] or width % patch[1]:
+          raise UserError(f"patch size {patch[0]}x{patch[1]} (resized from {_shape(value)[0]}x{_shape(value)[1]} of "
+                          f"{pretrained_path}) does not divide the image size {height}x{width}; use a patch size "
+                          f"that divides it, e.g. {_shape(value)[0]}")
         logging.info("load_pretrained: PI-resized %s %s -> %s (patch size)", key, _shape(value), _shape(init_value))
         value = pi_resize_patch_embedding(np.asarray(value), _shape(init_value)[:2])
     if _shape(value) != _shape(init_value):

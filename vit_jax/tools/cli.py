@@ -50,7 +50,9 @@ class _Flag:
 # meaning: the help text is the same everywhere.
 SHARED_FLAGS = {
     # A trained model and what it is evaluated on.
-    "checkpoint": _Flag("string", None, "Training workdir (config.json + model.npz) or zoo .npz file."),
+    "checkpoint": _Flag("string", None, "Training workdir (config.json + model.npz), or a checkpoint of any layout: "
+                                        "zoo or big_vision .npz, timm .safetensors, transformers or timm directory, "
+                                        "hf://ORG/REPO."),
     "model_name": _Flag("string", None, "Registry model name, e.g. ViT-B_16 (for a .npz: the architecture it is "
                                         "checked against; without it the architecture is read off the shapes)."),
     "image_size": _Flag("integer", None, "Image height and width in pixels; a checkpoint's default is the "

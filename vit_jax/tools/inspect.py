@@ -131,7 +131,7 @@ def inspect(path):
     options = [f"{k}={v}" for k, v in zoo.vit_structure(shapes).items() if v]
     if options:
       print(f"options: {', '.join(options)}")
-    numerics = [f"{k}={v}" for k, v in checkpoint.fields.items() if k in ("gelu_approximate", "layer_norm_eps")]
+    numerics = [f"{k}={checkpoint.fields[k]}" for k in ("gelu_approximate", "layer_norm_eps") if k in checkpoint.fields]
     if numerics:
       print(f"computes with: {', '.join(numerics)} (set these model fields to reproduce its logits)")
     name, reason = match_registry(shapes)

@@ -29,6 +29,13 @@ def get_config():
       "fused_attention": False,  # jax.nn.dot_product_attention (cuDNN flash attention on GPU)
       # Stochastic depth (drop path): the last block's rate, linear from 0 over depth, per example; training only.
       "stochastic_depth": 0.0,
+      # Architecture fields a checkpoint may need (docs/use.md); None keeps the registry model's value.
+      "classifier": config_dict.placeholder(str),  # token | gap | map | unpooled | token_unpooled
+      "num_registers": config_dict.placeholder(int),  # register tokens (timm's reg4 models: 4)
+      "no_embed_class": config_dict.placeholder(bool),  # position embeddings on the patches only (DeiT III)
+      "fc_norm": config_dict.placeholder(bool),  # the final LayerNorm after pooling
+      "gelu_approximate": config_dict.placeholder(bool),  # tanh GELU (the zoo's); False: exact (transformers, timm)
+      "layer_norm_eps": config_dict.placeholder(float),  # the zoo's 1e-6; transformers' ViT 1e-12
   })
   config.pretrained_path = config_dict.placeholder(str)  # zoo .npz to fine-tune from; None trains from scratch
   # Compute dtype: auto, bfloat16 or float32; parameters and optimizer state stay float32. auto is bfloat16 on

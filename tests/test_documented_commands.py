@@ -356,12 +356,39 @@ TABLE_ROWS = [
      Run(output=r"wrote bit\.safetensors", files=("bit.safetensors",))),
     ("python -m vit_jax.tools.inspect BiT-M-R50x1.npz", Run(output=r"BiT-R50x1")),
     ("python -m vit_jax.tools.convert --input=model.safetensors --output=model.npz", Run(files=("model.npz",))),
+    ("python -m vit_jax.tools.inspect FILE",
+     covered("python -m vit_jax.tools.inspect model.safetensors", "python -m vit_jax.tools.inspect BiT-M-R50x1.npz",
+             why="a synopsis")),
+    ("python -m vit_jax.tools.inspect model.safetensors",
+     Run(output=r"layout: timm\n(.|\n)*computes with: gelu_approximate=True, layer_norm_eps=1e-06")),
     ("python -m vit_jax.tools.convert --input=runs/quickstart --output=hf_vit --to=hf",
      Run(files=("hf_vit/config.json", "hf_vit/model.safetensors"))),
     ("python -m vit_jax.tools.convert --input=hf_vit --output=model.npz",
-     Run(output=r"gelu_approximate=True", files=("model.npz",))),
+     Run(output=r"Wrote 24 arrays of a transformers checkpoint", files=("model.npz",))),
     ("python -m vit_jax.tools.convert --input=timm_vit_b16.safetensors --output=vit.npz --model_name=ViT-B_16",
      Run(sub=(B16_TO_TESTING,), files=("vit.npz",))),
+    # docs/checkpoints.md
+    ("python -m vit_jax.main --config=configs/vit_b16.py:cifar10 --workdir=runs/b16 "
+     "--config.pretrained_path=ViT-B_16.npz",
+     Run(sub=((":cifar10", ":folder"),), tiny=B16_TINY, files=("runs/b16/model.npz",), output=r"Done at step 2")),
+    *[(f"python -m vit_jax.main --config=configs/vit_b16.py:cifar10 --workdir=runs/{workdir} {flags}",
+       Skip(f"{NETWORK}: hf:// hub names (tests/test_layouts.py reads hf:// names offline from a hub cache it "
+            "builds, and fine-tunes from every layout through load_pretrained)"))
+      for workdir, flags in (
+          ("siglip", "--config.model_name=ViT-B_16-SigLIP "
+                     "--config.pretrained_path=hf://timm/vit_base_patch16_siglip_224.webli"),
+          ("deit3", "--config.model_name=DeiT3-B_16 "
+                    "--config.pretrained_path=hf://timm/deit3_base_patch16_224.fb_in22k_ft_in1k"),
+          ("reg4", "--config.model_name=ViT-B_16-reg4-gap "
+                   "--config.pretrained_path=hf://timm/vit_base_patch16_reg4_gap_256.sbb_in12k_ft_in1k"),
+          ("augreg2", "--config.pretrained_path=hf://timm/vit_base_patch16_224.augreg2_in21k_ft_in1k "
+                      "--config.model.gelu_approximate=False"),
+          ("google", "--config.pretrained_path=hf://google/vit-base-patch16-224 --config.model.gelu_approximate=False "
+                     "--config.model.layer_norm_eps=1e-12"))],
+    ("python -m vit_jax.tools.convert --input=runs/quickstart --output=bv.npz --to=big_vision",
+     Run(output=r"wrote bv\.npz", files=("bv.npz",))),
+    ("VIT_JAX_PEER_DIR=../shared/peer .venv/bin/python -m pytest -s tests/test_layouts.py tests/test_hf.py",
+     Skip("a test-suite command (both files run in the suite; the timm and transformers checks need the peer venv)")),
     (".venv/bin/python -m pytest -q -s tests/test_convert.py -k timm",
      Skip("a test-suite command (tests/test_convert.py runs in the suite; timm needs the peer's venv)")),
     # launch/README.md
@@ -620,7 +647,8 @@ def test_documented_command(command, tmp_path, request):
     _, line, problems = request.getfixturevalue(FIXTURE_RUNS[command])
   else:
     _link_inputs(tmp_path, request.getfixturevalue("inputs"), command)
-    for fixture, needed in (("quickstart", "runs/quickstart" in command or "--input=model.safetensors" in command),
+    for fixture, needed in (("quickstart", "runs/quickstart" in command or "--input=model.safetensors" in command
+                             or command.endswith(" model.safetensors")),
                             ("cnn_digits", "runs/cnn_digits" in command),
                             ("mae_digits", re.search(r"runs/mae_digits(/|\s|$)", command) is not None)):
       if not needed:

@@ -391,3 +391,21 @@ def test_infer_inspect_and_convert_take_hub_names_offline(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, checkpoint.load(str(out)), jax.device_get(params))
   line = error_line(run("vit_jax.tools.infer", "--checkpoint=hf://google/not-cached", str(image)))
   assert "google/not-cached" in line and str(cache) in line and "hf download google/not-cached" in line
+
+
+def test_cli_refuses_a_pickle_with_one_error_line(tmp_path):
+  from tests.test_infer import error_line, run_cli  # pylint: disable=import-outside-toplevel
+  (tmp_path / "model.pth").write_bytes(b"\x80\x04")
+  line = error_line(run_cli("vit_jax.tools.convert", f"--input={tmp_path}/model.pth",
+                            f"--output={tmp_path}/model.npz"))
+  assert "model.pth is a PyTorch pickle, which vit_jax never loads" in line and "safetensors" in line
+  assert not (tmp_path / "model.npz").exists()
+
+
+def test_transformers_layout_refuses_the_later_options(tmp_path):
+  from vit_jax.models import hf  # pylint: disable=import-outside-toplevel
+  _, params, _, _ = make("deit3")
+  config = models.get_model_config("testing", **TINY, **VARIANTS["deit3"])
+  with pytest.raises(UserError, match=r"has no_embed_class=True, which transformers' ViT cannot express; export "
+                                      r"it to timm's layout"):
+    hf.write(zoo.flatten(params), config, str(tmp_path / "hf"), num_labels=5, image_size=SIZE)

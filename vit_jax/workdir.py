@@ -24,6 +24,7 @@ import sys
 import tempfile
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -52,7 +53,25 @@ ADDED_KEYS = {"layer_decay": 1.0, "lr_mults": [], "ema_decay": 0.0, "export_ema"
               "pp.cutmix": 0.0, "pp.mix_switch_prob": 0.5, "model.stochastic_depth": 0.0,
               "decay_steps": [], "ssl.corruption_rate": 0.5, "ssl.corruption_split": [0.8, 0.1, 0.1],
               "ssl.target": "colour", "ssl.mask_ratio": 0.75, "ssl.decoder_width": 512, "ssl.decoder_depth": 8,
-              "ssl.decoder_heads": 16, "ssl.norm_pix_loss": True}
+              "ssl.decoder_heads": 16, "ssl.norm_pix_loss": True, "model.classifier": None,
+              "model.num_registers": None, "model.no_embed_class": None, "model.fc_norm": None,
+              "model.gelu_approximate": None, "model.layer_norm_eps": None}
+
+
+def with_added_keys(config):
+  """A config.json dict as a ConfigDict, with the keys added since it was written (`ADDED_KEYS`) at the values its
+  run computed with."""
+  config = ml_collections.ConfigDict(config)
+  for dotted, value in ADDED_KEYS.items():
+    *parents, key = dotted.split(".")
+    node = config
+    for parent in parents:
+      if parent not in node:
+        node[parent] = ml_collections.ConfigDict()
+      node = node[parent]
+    if key not in node:
+      node[key] = value
+  return config
 
 
 def exported_weights(config):

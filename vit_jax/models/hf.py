@@ -189,6 +189,10 @@ def hf_config(model_config, num_labels, image_size, class_names=None):
   if model_config.get("resnet") is not None or not model_config.get("transformer"):
     raise UserError(f"{model_config.get('model_name') or 'this model'} is not a plain ViT; transformers' ViT "
                     "layout holds plain ViTs only")
+  for option in ("num_registers", "no_embed_class", "layer_scale_init", "fc_norm"):
+    if model_config.get(option):
+      raise UserError(f"{model_config.get('model_name') or 'this model'} has {option}={model_config[option]}, which "
+                      "transformers' ViT cannot express; export it to timm's layout (--output=FILE.safetensors)")
   if model_config.get("classifier", "token") != "token":
     raise UserError(f"classifier={model_config.get('classifier')!r}: transformers' ViT classifies from the class "
                     "token only")

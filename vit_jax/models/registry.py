@@ -22,6 +22,10 @@ FAMILIES = {
 # ViT options and the value at which they are off: a convolutional model accepts them only off (the training
 # config always carries them).
 VIT_OPTIONS = {"remat": "none", "scan_layers": False, "fused_attention": False, "stochastic_depth": 0.0}
+# ViT fields the training config always carries, None meaning "the registry model's value" (a checkpoint's
+# architecture and numerics: `configs/common.py`).
+REGISTRY_DEFAULT_IF_NONE = ("classifier", "num_registers", "no_embed_class", "fc_norm", "gelu_approximate",
+                            "layer_norm_eps")
 
 # size: (hidden_size, mlp_dim, num_heads, num_layers)
 _SIZES = {
@@ -141,6 +145,8 @@ def get_model_config(name, **overrides):
   kind = family(config)
   fields = set(FAMILIES[kind][0].__dataclass_fields__) - {"parent", "name", "num_classes", "dtype"}
   for key, value in overrides.items():
+    if value is None and key in REGISTRY_DEFAULT_IF_NONE:
+      continue
     if kind != "vit" and key in VIT_OPTIONS:
       if value != VIT_OPTIONS[key]:
         raise UserError(f"model option {key}={value} does not apply to {family_description(config)}; drop "

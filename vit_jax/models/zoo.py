@@ -213,9 +213,10 @@ def check_structure(flat, model_config, path):
   for option, value in got.items():
     if value != want[option]:
       field, fix = _STRUCTURE_FIELDS[option](value)
+      how = (f"--config.model.{field}={fix}" if field != "layer_scale_init" else
+             f"config.model.update({field}={fix!r}) in a config file")
       raise UserError(f"checkpoint {path} has {option}={value} but model {model_config.get('model_name')} has "
-                      f"{want[option]}; use a registry model with it or set the model field in a config file: "
-                      f"config.model.update({field}={fix!r})")
+                      f"{want[option]}; set {how} (or use a registry model with it)")
 
 
 def warn_numerics(fields, model_config, path):
@@ -223,9 +224,8 @@ def warn_numerics(fields, model_config, path):
   either way; the source's logits need the file's)."""
   for field, default in (("gelu_approximate", True), ("layer_norm_eps", 1e-6)):
     if field in fields and fields[field] != model_config.get(field, default):
-      logging.warning("%s was trained with %s=%s but the model has %s; set the model field %s=%s (config.model.update) to "
-                      "compute as its source does", path, field, fields[field], model_config.get(field, default), field,
-                      fields[field])
+      logging.warning("%s was trained with %s=%s but the model has %s; set --config.model.%s=%s to compute as its "
+                      "source does", path, field, fields[field], model_config.get(field, default), field, fields[field])
 
 
 def is_head(key):

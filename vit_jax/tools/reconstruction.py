@@ -52,21 +52,6 @@ class SSLRun(NamedTuple):
   image_size: int
 
 
-def _with_added_keys(config):
-  """`config` (a config.json dict) with the keys added since it was written at the values its run computed with."""
-  config = ml_collections.ConfigDict(config)
-  for dotted, value in workdir_lib.ADDED_KEYS.items():
-    *parents, key = dotted.split(".")
-    node = config
-    for parent in parents:
-      if parent not in node:
-        node[parent] = ml_collections.ConfigDict()
-      node = node[parent]
-    if key not in node:
-      node[key] = value
-  return config
-
-
 def read_ssl_config(workdir):
   """The run config of `workdir` as a ConfigDict; a UserError unless it is the workdir of a mae or masked_patch run."""
   config_path = workdir_lib.path(workdir, workdir_lib.CONFIG_FILE)
@@ -81,7 +66,7 @@ def read_ssl_config(workdir):
   if trainer not in SSL_TRAINERS:
     raise UserError(f"reconstruction pictures a self-supervised run (trainer mae or masked_patch); {workdir} was "
                     f"trained with trainer={trainer}")
-  return _with_added_keys(config)
+  return workdir_lib.with_added_keys(config)
 
 
 def _read_only_manager(workdir):

@@ -409,3 +409,24 @@ def test_transformers_layout_refuses_the_later_options(tmp_path):
   with pytest.raises(UserError, match=r"has no_embed_class=True, which transformers' ViT cannot express; export "
                                       r"it to timm's layout"):
     hf.write(zoo.flatten(params), config, str(tmp_path / "hf"), num_labels=5, image_size=SIZE)
+
+
+def test_model_flags_unset_keep_the_registry_models_values():
+  """`--config.model.gelu_approximate` and the other checkpoint flags: unset (None) keeps the registry model's value,
+  set replaces it; a CNN accepts them unset."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  from vit_jax import train  # pylint: disable=import-outside-toplevel
+  config = importlib.import_module("configs.common").get_config()
+  config.model_name = "DeiT3-S_16"
+  built = train.model_config_from(config)
+  assert (built.gelu_approximate, built.no_embed_class, built.layer_scale_init, built.classifier) == (
+      False, True, 1e-6, "token")
+  config.model.gelu_approximate, config.model.classifier, config.model.num_registers = True, "gap", 4
+  built = train.model_config_from(config)
+  assert (built.gelu_approximate, built.classifier, built.num_registers) == (True, "gap", 4)
+  config = importlib.import_module("configs.common").get_config()
+  config.model_name = "CNN-CIFAR"
+  assert models.family(train.model_config_from(config)) == "cnn"
+  config.model.fc_norm = True
+  with pytest.raises(UserError, match=r"unknown model field 'fc_norm'"):
+    train.model_config_from(config)

@@ -19,10 +19,11 @@ _TOWER_PREFIXES = ("params/img/", "opt/target/img/", "img/")
 _PREFIXES = ("params/", "opt/target/")
 _STACKED = "Transformer/encoderblock/"
 _ZOO_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/([^/]+)(/.*)?$")
-# zoo (pre-Linen) block submodule -> big_vision's Linen name
-_BLOCK_NAMES = {"LayerNorm_0": "LayerNorm_0", "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
-                "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
-_TO_ZOO_BLOCK_NAMES = {v: k for k, v in _BLOCK_NAMES.items()}
+# Linen-era block submodule (big_vision's, and the zoo's later files') -> the zoo's pre-Linen name, and back.
+LINEN_TO_ZOO_BLOCK_NAMES = {"LayerNorm_0": "LayerNorm_0",
+                            "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
+                            "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
+_ZOO_TO_LINEN_BLOCK_NAMES = {v: k for k, v in LINEN_TO_ZOO_BLOCK_NAMES.items()}
 
 
 def is_big_vision(flat):
@@ -65,10 +66,11 @@ def to_zoo(flat, path="the checkpoint"):
       out[ZOO_POSEMB] = value
     elif key.startswith(_STACKED):
       module, slash, tail = key[len(_STACKED):].partition("/")
+      name = LINEN_TO_ZOO_BLOCK_NAMES.get(module, module) + slash + tail
       for layer, layer_value in enumerate(value):
-        out[f"Transformer/encoderblock_{layer}/{_TO_ZOO_BLOCK_NAMES.get(module, module)}{slash}{tail}"] = layer_value
+        out[f"Transformer/encoderblock_{layer}/{name}"] = layer_value
     elif m := _ZOO_BLOCK.match(key):
-      module = _TO_ZOO_BLOCK_NAMES.get(m.group(2), m.group(2))
+      module = LINEN_TO_ZOO_BLOCK_NAMES.get(m.group(2), m.group(2))
       out[f"Transformer/encoderblock_{m.group(1)}/{module}{m.group(3) or ''}"] = value
     else:
       out[key] = value
@@ -83,7 +85,7 @@ def from_zoo(flat, *, stacked=False):
     if key == ZOO_POSEMB:
       out["params/" + POSEMB] = value
     elif m := _ZOO_BLOCK.match(key):
-      name = f"{_BLOCK_NAMES.get(m.group(2), m.group(2))}{m.group(3) or ''}"
+      name = f"{_ZOO_TO_LINEN_BLOCK_NAMES.get(m.group(2), m.group(2))}{m.group(3) or ''}"
       if stacked:
         layers.setdefault(name, {})[int(m.group(1))] = value
       else:

@@ -17,6 +17,7 @@ import re
 import numpy as np
 
 from vit_jax.errors import UserError
+from vit_jax.models import timm_layout  # its safetensors reading and writing
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -32,7 +33,8 @@ _BLOCK_NAMES = {
     "LayerNorm_2/scale": "layernorm_after.weight", "LayerNorm_2/bias": "layernorm_after.bias",
     "MlpBlock_3/Dense_0/kernel": "intermediate.dense.weight", "MlpBlock_3/Dense_0/bias": "intermediate.dense.bias",
     "MlpBlock_3/Dense_1/kernel": "output.dense.weight", "MlpBlock_3/Dense_1/bias": "output.dense.bias",
-    f"{_ATTENTION}/out/kernel": "attention.output.dense.weight", f"{_ATTENTION}/out/bias": "attention.output.dense.bias",
+    f"{_ATTENTION}/out/kernel": "attention.output.dense.weight",
+    f"{_ATTENTION}/out/bias": "attention.output.dense.bias",
     **{f"{_ATTENTION}/{n}/{p}": f"attention.attention.{n}.{'weight' if p == 'kernel' else 'bias'}"
        for n in ("query", "key", "value") for p in ("kernel", "bias")},
 }
@@ -225,14 +227,7 @@ def read(path):
                     "safe_serialization=True)")
   with open(config_path, encoding="utf-8") as f:
     config = json.load(f)
-  try:
-    from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise UserError("reading transformers checkpoints needs the safetensors package: pip install safetensors") from None
-  try:
-    state = st_numpy.load_file(weights_path)
-  except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own error types
-    raise UserError(f"cannot read {weights_path} ({type(e).__name__}: {e}); is the file complete?") from None
+  state, _ = timm_layout.read_safetensors(weights_path)
   flat = hf_to_zoo(state, config.get("num_attention_heads", 12))
   pre_logits = flat.get("pre_logits/kernel")
   fields = model_fields(config, None if pre_logits is None else pre_logits.shape[-1])
@@ -243,12 +238,8 @@ def write(flat, model_config, path, *, num_labels, image_size, class_names=None)
   """Writes `flat` zoo params of a plain ViT as a transformers `ViTForImageClassification` directory."""
   config = hf_config(model_config, num_labels, image_size, class_names)
   state = zoo_to_hf(flat)
-  try:
-    from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise UserError("writing transformers checkpoints needs the safetensors package: pip install safetensors") from None
   os.makedirs(path, exist_ok=True)
-  st_numpy.save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+  timm_layout.safetensors_numpy().save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
   with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
   return state

@@ -16,7 +16,7 @@ FORM = "hf://ORG/REPO[@REVISION][/FILE]"
 # What a repo snapshot fetches: configs, weights vit_jax reads, label lists; never the PyTorch pickles.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.npz", "*.txt"]
 WEIGHT_SUFFIXES = (".safetensors", ".npz")
-PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
 _TRUE = ("1", "ON", "YES", "TRUE")
 
 

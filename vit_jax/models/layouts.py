@@ -21,15 +21,7 @@ from vit_jax.models import big_vision_layout, hf, hub, timm_layout
 
 ZOO_URL = "https://storage.googleapis.com/vit_models/"
 LAYOUTS = ("zoo", "big_vision", "transformers", "timm")
-PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
 
-# Linen-era name -> pre-Linen (zoo) name, inside `Transformer/encoderblock_{i}/`.
-_LINEN_TO_ZOO_BLOCK_NAMES = {
-    "LayerNorm_0": "LayerNorm_0",
-    "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
-    "LayerNorm_1": "LayerNorm_2",
-    "MlpBlock_0": "MlpBlock_3",
-}
 _GROUPNORM_PARAM = re.compile(r"(^|/)gn(\d+|_root|_proj)/(scale|bias)$")
 ENCODER_BLOCK = re.compile(r"^(Transformer/encoderblock_\d+)/([^/]+)(/.*)$")
 
@@ -51,7 +43,7 @@ def _to_zoo_names(flat):
   for key, value in flat.items():
     m = ENCODER_BLOCK.match(key)
     if m and m.group(1) in blocks_in_linen_naming:
-      key = m.group(1) + "/" + _LINEN_TO_ZOO_BLOCK_NAMES.get(m.group(2), m.group(2)) + m.group(3)
+      key = m.group(1) + "/" + big_vision_layout.LINEN_TO_ZOO_BLOCK_NAMES.get(m.group(2), m.group(2)) + m.group(3)
     if _GROUPNORM_PARAM.search(key) and value.ndim == 4:
       value = value.reshape(value.shape[-1])
     renamed[key] = value
@@ -95,7 +87,7 @@ def read(path, *, num_heads=None) -> Checkpoint:
   if hub.is_hub_name(path):
     path = hub.resolve(path)
   lower = path.lower()
-  if lower.endswith(PICKLE_SUFFIXES):
+  if lower.endswith(hub.PICKLE_SUFFIXES):
     _refuse_pickle(path)
   if os.path.isdir(path):
     if hf.is_hf_dir(path):
@@ -106,7 +98,7 @@ def read(path, *, num_heads=None) -> Checkpoint:
       return Checkpoint(flat, "timm", fields, image_size, path)
     hf.check_not_other_architecture(path)
     files = sorted(os.listdir(path))
-    pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
+    pickles = [f for f in files if f.lower().endswith(hub.PICKLE_SUFFIXES)]
     if pickles and not any(f.endswith((".safetensors", ".npz")) for f in files):
       _refuse_pickle(os.path.join(path, pickles[0]))
     weights = [f for f in files if f.endswith((".safetensors", ".npz"))]

@@ -407,9 +407,6 @@ def read(path, num_heads=None):
   else:
     gelu_approximate = architecture in TANH_GELU_ARCHITECTURES
   fields = {"gelu_approximate": bool(gelu_approximate), "layer_norm_eps": float(ours.get("layer_norm_eps", 1e-6))}
-  if "transformer" in ours or flat.get("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel") \
-      is not None:
-    fields["num_heads"] = num_heads
   if kwargs.get("no_embed_class") is not None:
     fields["no_embed_class"] = bool(kwargs["no_embed_class"])
   image_size = None

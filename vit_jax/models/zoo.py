@@ -27,14 +27,15 @@ def flatten(params):
   return {"/".join(path): value for path, value in flax.traverse_util.flatten_dict(params).items()}
 
 
-def _unflatten(flat):
+def unflatten(flat):
+  """{'a/b': x} -> {'a': {'b': x}}: the inverse of `flatten`."""
   return flax.traverse_util.unflatten_dict({tuple(key.split("/")): value for key, value in flat.items()})
 
 
 def load(path):
   """Nested dict of numpy arrays in the zoo's paths from a checkpoint of any layout (`layouts.read`: a zoo or
   big_vision `.npz`, local or gs://, a transformers or timm directory, a timm `.safetensors`, an `hf://` name)."""
-  return _unflatten(layouts.read(path).flat)
+  return unflatten(layouts.read(path).flat)
 
 
 def non_finite(params):
@@ -252,7 +253,7 @@ def load_pretrained(*, pretrained_path, init_params, model_config, image_size=No
   checkpoint = layouts.read(pretrained_path, num_heads=num_heads)
   check_structure(checkpoint.flat, model_config, pretrained_path)
   warn_numerics(checkpoint.fields, model_config, pretrained_path)
-  restored = _unflatten(checkpoint.flat)
+  restored = unflatten(checkpoint.flat)
   # Refused here, not in `load`: inspecting a broken file must still work, starting from one must not.
   check_finite(restored, f"pretrained checkpoint {pretrained_path}",
                "the file is corrupt or from a run that diverged; download it again or start from another checkpoint")
@@ -311,7 +312,7 @@ def load_pretrained(*, pretrained_path, init_params, model_config, image_size=No
     extra = ", ".join(f"{k} {_shape(v)}" for k, v in sorted(restored.items())[:5])
     raise UserError(f"checkpoint {pretrained_path} has {len(restored)} parameter(s) model "
                     f"{model_config.get('model_name')} does not: {extra}; use the checkpoint of the same model")
-  adapted = _unflatten(adapted)
+  adapted = unflatten(adapted)
   return vit.stack_layers(adapted) if scanned else adapted
 
 

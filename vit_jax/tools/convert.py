@@ -19,7 +19,6 @@ bits. timm has no representation (`pre_logits`) layer and the course CNN no timm
 import json
 
 from absl import flags, logging
-import flax
 import numpy as np
 
 from vit_jax import models
@@ -78,7 +77,7 @@ def import_checkpoint(input_path, output_path, model_name=None, num_heads=None):
     num_heads = (models.get_model_config(model_name).get("transformer") or {}).get("num_heads")
   checkpoint = layouts.read(input_path, num_heads=num_heads)
   flat = checkpoint.flat
-  params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+  params = zoo.unflatten(flat)
   if model_name:  # the family (and a BiT's width), the ViT options, then every shape against the named model
     shapes = trained_model.flat_shapes(params)
     family = zoo.checkpoint_family(shapes)
@@ -109,10 +108,8 @@ def export_big_vision(input_path, output_path, model_name=None):
     raise UserError(f"{input_path} is {trained_model.describe(trained.model_config)}; big_vision's ViT layout holds "
                     "plain Vision Transformers")
   flat = big_vision_layout.from_zoo(zoo.flatten(trained.params))
-  params = {key: np.asarray(value) for key, value in flat.items()}
-  cli.write_output(output_path, lambda path: zoo.save(
-      flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in params.items()}), path))
-  return params
+  cli.write_output(output_path, lambda path: zoo.save(zoo.unflatten(flat), path))
+  return flat
 
 
 def export_hf(input_path, output_dir, model_name=None):

@@ -14,7 +14,6 @@ is shown (with the first such tensors) rather than refused: the other tools and 
 """
 from absl import flags
 from clu import parameter_overview
-import flax
 import jax
 import numpy as np
 
@@ -113,7 +112,7 @@ def inspect(path):
   tensors; `path` is a zoo `.npz` or a training workdir."""
   npz, run_config = trained_model.resolve(path)
   checkpoint = layouts.read(npz)
-  tree = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in checkpoint.flat.items()})
+  tree = zoo.unflatten(checkpoint.flat)
   params, model_state = model_state_lib.split(tree)
   flat = zoo.flatten(params)
   shapes = {key: tuple(v.shape) for key, v in flat.items()}

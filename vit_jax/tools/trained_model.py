@@ -29,7 +29,6 @@ import re
 from typing import Any, Optional
 
 from absl import logging
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -294,7 +293,7 @@ def resize_posemb(params, model_config, image_size):
   logging.info("Resized position embeddings %s -> %s for %dpx images.", posemb.shape, resized.shape, image_size)
   flat = zoo.flatten(params)
   flat[zoo.POSEMB_KEY] = resized
-  return flax.traverse_util.unflatten_dict({tuple(key.split("/")): value for key, value in flat.items()})
+  return zoo.unflatten(flat)
 
 
 def _dataset_class_names(run_config):
@@ -343,7 +342,7 @@ def _read_checkpoint(checkpoint_path, num_heads=None):
   layout; values holding NaN or infinity are a UserError (their outputs would be too)."""
   file_path, run_config = resolve(checkpoint_path)
   checkpoint = layouts.read(file_path, num_heads=num_heads)
-  tree = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in checkpoint.flat.items()})
+  tree = zoo.unflatten(checkpoint.flat)
   zoo.check_finite(tree, f"checkpoint {checkpoint_path}", "it is corrupt or from a run that diverged; use "
                    "another checkpoint, or retrain (e.g. with a lower --config.base_lr)")
   params, model_state = model_state_lib.split(tree)
